@@ -1,8 +1,12 @@
 """slmtune: reproducible fine-tuning of small language models."""
 
+import logging
 import os
 
 # Offline unless the user explicitly goes online (HF_HUB_OFFLINE=0); set before any HF import.
 for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE"):
     os.environ.setdefault(_name, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes warns on every import that it cannot fetch an optional CPU kernel from the hub;
+# its built-in fallback is what runs, so the warning only buries real messages.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -176,7 +176,7 @@ def prepare_data(
     """Read, validate, normalise, de-duplicate and split one raw data file."""
     path = Path(path)
     rows = read_rows(path)
-    records = normalise_rows(rows, columns, path.name)
+    records = normalise_rows(rows, columns, str(path))
     kept, dropped = drop_exact_duplicates(records)
     splits = split_records(kept, val_fraction, test_fraction, seed)
     leaks = leaked_prompts(splits["train"], splits["test"])

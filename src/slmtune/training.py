@@ -86,24 +86,31 @@ class StepLog(TrainerCallback):
             writer.writerows(self.rows)
 
 
+def build_trainer(config: Config, model: Any, tokenizer: Any, splits: Any, output_dir: str, callbacks: list) -> Any:
+    """A Trainer whose batches are padded to their longest example only (never to max_length)."""
+    from transformers import DataCollatorForSeq2Seq, Trainer
+
+    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
+    return Trainer(
+        model=model,
+        args=training_arguments(config, output_dir),
+        train_dataset=splits["train"],
+        eval_dataset=splits["val"] if len(splits["val"]) else None,
+        data_collator=collator,
+        callbacks=callbacks,
+    )
+
+
 def fit(config: Config, model: Any, tokenizer: Any, splits: Any, step_log: StepLog) -> dict[str, float]:
     """Train `model` in place on the tokenized splits; return the final train and validation losses."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+    from transformers import set_seed
 
     set_seed(config.train.seed)
-    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
     with tempfile.TemporaryDirectory(prefix="slmtune-trainer-") as scratch:
-        trainer = Trainer(
-            model=model,
-            args=training_arguments(config, scratch),
-            train_dataset=splits["train"],
-            eval_dataset=splits["val"] if len(splits["val"]) else None,
-            data_collator=collator,
-            callbacks=[step_log],
-        )
+        trainer = build_trainer(config, model, tokenizer, splits, scratch, [step_log])
         result = trainer.train()
         metrics = {"train_loss": float(result.training_loss), "steps": float(result.global_step)}
-        if len(splits["val"]):
+        if trainer.eval_dataset is not None:
             metrics["val_loss"] = float(trainer.evaluate()["eval_loss"])
     return metrics
 

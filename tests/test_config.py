@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from slmtune.config import Config, ConfigError, compose_params, load_config, validate_config
+
+REPO = Path(__file__).resolve().parent.parent
+GROUPS = ("model", "data", "method", "train", "eval")
+
+
+def test_params_yaml_is_the_composition_of_conf(tmp_path):
+    compose_params(REPO, tmp_path / "params.yaml")
+    fresh = (tmp_path / "params.yaml").read_text()
+    assert (REPO / "params.yaml").read_text() == fresh, "params.yaml is stale: run `slmtune params`"
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, f.stem) for g in GROUPS for f in sorted((REPO / "conf" / g).glob("*.yaml"))],
+)
+def test_every_shipped_option_composes_and_validates(tmp_path, group, option):
+    config = compose_params(REPO, tmp_path / "params.yaml", [f"{group}={option}"])
+    assert isinstance(config, Config)
+
+
+def test_every_conf_file_is_covered_by_a_group():
+    files = {p.relative_to(REPO / "conf").parts[0] for p in (REPO / "conf").rglob("*.yaml")}
+    assert files == {*GROUPS, "config.yaml"}
+
+
+def test_unknown_key_is_rejected_naming_it():
+    with pytest.raises(ConfigError, match=r"train\.lerning_rate"):
+        validate_config({"train": {"lerning_rate": 0.1}}, "params.yaml")
+
+
+def test_wrong_type_is_rejected_naming_the_key():
+    with pytest.raises(ConfigError, match=r"method\.r"):
+        validate_config({"method": {"r": "sixteen"}}, "params.yaml")
+
+
+def test_unknown_override_fails_composition(tmp_path):
+    with pytest.raises(ConfigError, match="lerning_rate"):
+        compose_params(REPO, tmp_path / "params.yaml", ["train.lerning_rate=1e-4"])
+    assert not (tmp_path / "params.yaml").exists(), "a failed composition must not leave a params file"
+
+
+def test_override_reaches_params(tmp_path):
+    config = compose_params(REPO, tmp_path / "params.yaml", ["train.learning_rate=3e-4", "method.r=4"])
+    assert config.train.learning_rate == 3e-4 and config.method.r == 4
+    assert load_config(tmp_path / "params.yaml").method.r == 4
+
+
+def test_bad_split_fractions_are_rejected():
+    with pytest.raises(ConfigError, match="val_fraction"):
+        validate_config({"data": {"val_fraction": 0.5, "test_fraction": 0.5}}, "params.yaml")
+
+
+def test_missing_params_file_says_how_to_make_it(tmp_path):
+    with pytest.raises(ConfigError, match="slmtune params"):
+        load_config(tmp_path / "params.yaml")
+
+
+def _keys(tree, prefix=""):
+    for key, value in tree.items():
+        yield f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _keys(value, f"{prefix}{key}.")
+
+
+def test_dvc_stage_params_exist_in_params_yaml():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    known = set(_keys(OmegaConf.to_container(OmegaConf.load(REPO / "params.yaml"))))
+    used = [p for stage in stages.values() for p in stage.get("params", [])]
+    assert used and not [p for p in used if p not in known]
+
+
+def test_hydra_composition_is_enabled_for_dvc_experiments():
+    text = (REPO / ".dvc" / "config").read_text()
+    assert "[hydra]" in text and "enabled = true" in text
