@@ -69,6 +69,20 @@ def test_lora_training_moves_every_adapter_weight_and_no_base_weight(tiny_model_
     assert [m.step for m in history] == list(range(1, 13))
 
 
+def test_same_seed_gives_identical_adapter_weights(tiny_model_dir, tiny_tokenizer, records, tmp_path):
+    def train_once():
+        torch.manual_seed(torch.seed())  # disturb the global RNG: only the configured seed may matter
+        config = tiny_config(max_steps=4)
+        model = lora_model(load_model(tiny_model_dir), config)
+        tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log_system_metrics=False)
+        with mlflow_run(tracking):
+            fit(config, model, tiny_tokenizer, splits_for(records, tiny_tokenizer), StepLog())
+        return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+    first, second = train_once(), train_once()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_response_loss_matches_the_models_own_loss(tiny_model_dir, tiny_tokenizer, records):
     model = load_model(tiny_model_dir)
     example = splits_for(records, tiny_tokenizer, n_train=1, n_val=0)["train"]

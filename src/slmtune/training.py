@@ -17,8 +17,9 @@ from .prompting import IGNORE_INDEX
 from .tracking import log_dataset, log_flat_params, mlflow_run
 
 def lora_model(model: Any, config: Config) -> Any:
-    """Wrap `model` with trainable LoRA adapters as configured."""
+    """Wrap `model` with trainable LoRA adapters as configured; their initialisation is seeded."""
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
 
     method = config.method
     lora = LoraConfig(
@@ -29,6 +30,7 @@ def lora_model(model: Any, config: Config) -> Any:
         bias=method.bias,
         task_type="CAUSAL_LM",
     )
+    set_seed(config.train.seed)
     return get_peft_model(model, lora)
 
 
