@@ -11,7 +11,7 @@ import torch
 from .config import Config
 from .lineage import read_provenance
 from .outputs import read_jsonl, write_json, write_jsonl
-from .prompting import IGNORE_INDEX, encode_prompt, render_prompt
+from .prompting import IGNORE_INDEX, encode_prompt, padding_collator, render_prompt
 from .tracking import mlflow_run
 
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -21,9 +21,7 @@ TEXT_METRICS = ("rouge_l", "contains_match")
 @torch.no_grad()
 def response_loss(model: Any, tokenizer: Any, dataset: Any, batch_size: int) -> float:
     """Mean cross-entropy over the trained (response) tokens of a tokenized split."""
-    from transformers import DataCollatorForSeq2Seq
-
-    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
+    collator = padding_collator(tokenizer)
     model.eval()
     total, count = 0.0, 0
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset]

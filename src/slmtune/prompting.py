@@ -105,6 +105,13 @@ def assemble_example(
     )
 
 
+def padding_collator(tokenizer: Any) -> Any:
+    """Pads each batch to its longest example (never to max_length); padded labels carry no loss."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
+
+
 def tokenize_records(
     records: list[dict[str, str]],
     tokenizer: Any,

@@ -13,7 +13,7 @@ from .config import Config, config_to_dict
 from .lineage import PROVENANCE_FILE, dvc_md5, git_state, package_versions
 from .modeling import default_target_modules, load_model, load_tokenizer, parameter_counts
 from .outputs import write_json
-from .prompting import IGNORE_INDEX
+from .prompting import padding_collator
 from .tracking import log_dataset, log_flat_params, mlflow_run
 
 def lora_model(model: Any, config: Config) -> Any:
@@ -90,15 +90,14 @@ class StepLog(TrainerCallback):
 
 def build_trainer(config: Config, model: Any, tokenizer: Any, splits: Any, output_dir: str, callbacks: list) -> Any:
     """A Trainer whose batches are padded to their longest example only (never to max_length)."""
-    from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers import Trainer
 
-    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
     return Trainer(
         model=model,
         args=training_arguments(config, output_dir),
         train_dataset=splits["train"],
         eval_dataset=splits["val"] if len(splits["val"]) else None,
-        data_collator=collator,
+        data_collator=padding_collator(tokenizer),
         callbacks=callbacks,
     )
 
