@@ -1,4 +1,4 @@
-"""DVC stage `tokenize`: prompts rendered with the template, labels masked to the response."""
+"""DVC stage `tokenize`: conversations rendered with the template, labels masked to the answers; the data report."""
 
 from slmtune.outputs import staged_outputs
 from slmtune.prompting import run_tokenize
@@ -7,8 +7,9 @@ from slmtune.stage import stage_main
 
 @stage_main
 def main(config):
-    with staged_outputs(config.paths.tokenized, config.paths.token_stats) as (tokenized_dir, stats_path):
-        run_tokenize(config, tokenized_dir, stats_path)
+    paths = config.paths
+    with staged_outputs(paths.tokenized, paths.token_stats, paths.data_report, paths.length_plot) as outputs:
+        run_tokenize(config, *outputs)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from slmtune.config import compose_params
 from tiny_models import build_tiny_tokenizer, save_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"
 PROJECT_FILES = ("conf", "dvc.yaml", "stages", "src", "data/raw", ".dvc/config", ".dvcignore", ".gitignore")
 # Fast settings for the tiny model: a few steps, short answers.
 TINY_OVERRIDES = [
@@ -77,3 +79,76 @@ def make_project(root: Path, overrides: list[str]) -> Path:
 def tiny_project(tmp_path, tiny_model_dir) -> Path:
     """A project copy whose base model is the tiny Llama."""
     return make_project(tmp_path / "project", [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES])
+
+
+def kb_rows() -> list[dict[str, str | None]]:
+    """The instruction fixture with other column names (question/context/answer), as binary formats store it."""
+    with open(FIXTURES / "instruction.csv", encoding="utf-8") as handle:
+        return [{"question": r["instruction"], "context": r["input"] or None, "answer": r["output"]} for r in csv.DictReader(handle)]
+
+
+def write_kb_parquet(path: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(kb_rows()), path)
+    return path
+
+
+def write_kb_disk(path: Path) -> Path:
+    """A `save_to_disk` DatasetDict with its own train (8 rows) and test (4 rows) splits."""
+    from datasets import Dataset, DatasetDict
+
+    rows = kb_rows()
+    DatasetDict(train=Dataset.from_list(rows[:8]), test=Dataset.from_list(rows[8:])).save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture
+def kb_parquet(tmp_path) -> Path:
+    return write_kb_parquet(tmp_path / "kb.parquet")
+
+
+@pytest.fixture
+def kb_disk(tmp_path) -> Path:
+    return write_kb_disk(tmp_path / "kb_disk")
+
+
+HUB_ROWS = [{"content": f"Tiny document number {i} of the cached hub corpus, about leave day {i}."} for i in range(12)]
+
+
+def cache_hub_dataset(cache_dir: Path, repo_id: str, rows: list[dict]) -> None:
+    """Lay out `repo_id` in a `datasets` cache the way an earlier online `load_dataset(repo_id)` leaves it."""
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.json.json import Json
+
+    owner, name = repo_id.split("/")
+    source = cache_dir / f"{name}.jsonl"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    commit = "0" * 40
+    builder = Json(cache_dir=str(cache_dir), data_files=DataFilesDict.from_patterns({"train": [str(source)]}),
+                   dataset_name=f"{owner}___{name}", hash=commit)  # fmt: skip
+    builder.download_and_prepare()
+    built = Path(builder.cache_dir)
+    target = cache_dir / f"{owner}___{name}" / "default" / "0.0.0" / commit
+    target.parent.mkdir(parents=True)
+    built.rename(target)
+    shutil.rmtree(built.parent.parent)
+    (target / f"{owner}___{name}-train.arrow").rename(target / f"{name}-train.arrow")
+    info = json.loads((target / "dataset_info.json").read_text())
+    info.update(config_name="default", dataset_name=name)
+    info["splits"]["train"]["dataset_name"] = name
+    (target / "dataset_info.json").write_text(json.dumps(info))
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """A datasets cache holding `slmtune-test/tiny_corpus` (12 rows, text column `content`), used offline."""
+    import datasets
+
+    cache = tmp_path / "hf-datasets-cache"
+    cache_hub_dataset(cache, "slmtune-test/tiny_corpus", HUB_ROWS)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache

@@ -1,99 +1,190 @@
+"""Templates and loss masks, checked on the exact token sequences the model trains on."""
+
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from slmtune.config import DataConfig
 from slmtune.prompting import (
     IGNORE_INDEX,
+    Example,
     TokenizationError,
-    assemble_example,
+    TooLong,
     build_example,
-    encode_prompt,
+    chunk_texts,
+    fit_length,
+    generation_prompt,
     length_stats,
-    render_prompt,
 )
 
-RECORD = {"source": "kb.csv:2", "instruction": "How many leave days?", "input": "", "output": "27 days."}
-
-
-def test_prompt_is_masked_and_response_with_eos_is_trained():
-    example = assemble_example([1, 2, 3], [7, 8, 0], max_length=10, train_on_prompt=False, source="s")
-    assert example.input_ids == [1, 2, 3, 7, 8, 0]
-    assert example.labels == [IGNORE_INDEX] * 3 + [7, 8, 0]
-    assert not example.truncated
-
-
-def test_train_on_prompt_keeps_every_label():
-    example = assemble_example([1, 2], [7, 0], max_length=10, train_on_prompt=True, source="s")
-    assert example.labels == [1, 2, 7, 0]
-
-
-def test_long_response_is_truncated_and_counted():
-    example = assemble_example([1, 2], [5, 6, 7, 0], max_length=4, train_on_prompt=False, source="s")
-    assert example.input_ids == [1, 2, 5, 6] and example.truncated
-
-
-def test_prompt_filling_max_length_is_a_clear_error():
-    with pytest.raises(TokenizationError, match=r"kb\.csv:7: the prompt alone is 4 tokens.*max_length=4"):
-        assemble_example([1, 2, 3, 4], [5, 0], max_length=4, train_on_prompt=False, source="kb.csv:7")
-
-
-@given(
-    prompt=st.lists(st.integers(1, 99), min_size=1, max_size=30),
-    response=st.lists(st.integers(1, 99), min_size=1, max_size=30),
-    max_length=st.integers(2, 70),
+CUSTOM = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
 )
-def test_masking_invariants(prompt, response, max_length):
-    if len(prompt) >= max_length:
-        with pytest.raises(TokenizationError):
-            assemble_example(prompt, response, max_length, False, "s")
-        return
-    example = assemble_example(prompt, response, max_length, False, "s")
-    n = len(prompt)
-    assert len(example.input_ids) == len(example.labels) <= max_length
-    assert example.input_ids[:n] == prompt and example.labels[:n] == [IGNORE_INDEX] * n
-    assert example.labels[n:] == example.input_ids[n:] == response[: max_length - n]
-    assert example.truncated == (len(response) > max_length - n)
+TWO_TURNS = {
+    "source": "chat.jsonl:1",
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "How many leave days?", "input": "I am new."},
+        {"role": "assistant", "content": "27 days."},
+        {"role": "user", "content": "And sick days?"},
+        {"role": "assistant", "content": "12 days."},
+    ],
+}
 
 
-def test_chat_template_renders_user_turn_and_generation_prompt(tiny_tokenizer):
-    prompt = render_prompt({**RECORD, "input": "I am new."}, "chat", tiny_tokenizer, "Be brief.")
-    assert prompt == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHow many leave days?\n\nI am new.<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
+def data(template, **kwargs):
+    return DataConfig(template=template, chat_template=CUSTOM if template == "custom" else None, **kwargs)
 
 
-def test_alpaca_and_tag_templates(tiny_tokenizer):
-    alpaca = render_prompt({**RECORD, "input": "ctx"}, "alpaca", tiny_tokenizer, None)
-    assert "### Instruction:\nHow many leave days?\n\n### Input:\nctx\n\n### Response:\n" in alpaca
-    assert render_prompt(RECORD, "tags", tiny_tokenizer, None) == "<|user|>\nHow many leave days?\n<|assistant|>\n"
+def spans(example, tokenizer):
+    """The example as decoded runs of (text, trained), split where the mask changes."""
+    runs, current, trained = [], [], None
+    for token, label in zip(example.input_ids, example.labels):
+        is_trained = label != IGNORE_INDEX
+        if current and is_trained != trained:
+            runs.append((tokenizer.decode(current), trained))
+            current = []
+        current.append(token)
+        trained = is_trained
+    runs.append((tokenizer.decode(current), trained))
+    return runs
 
 
-def test_chat_template_required_for_chat(tiny_tokenizer):
+EXPECTED = {
+    "chat": [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHow many leave days?\n\nI am new.<|im_end|>\n"
+         "<|im_start|>assistant\n", False),
+        ("27 days.<|im_end|>\n", True),
+        ("<|im_start|>user\nAnd sick days?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("12 days.<|im_end|>\n", True),
+    ],
+    "alpaca": [
+        ("Be brief.\n\nBelow is an instruction that describes a task, paired with an input that provides further context. "
+         "Write a response that appropriately completes the request.\n\n### Instruction:\nHow many leave days?\n\n"
+         "### Input:\nI am new.\n\n### Response:\n", False),
+        ("27 days.<|im_end|>", True),
+        ("\n\n### Instruction:\nAnd sick days?\n\n### Response:\n", False),
+        ("12 days.<|im_end|>", True),
+    ],
+    "tags": [
+        ("<|system|>\nBe brief.\n<|user|>\nHow many leave days?\n\nI am new.\n<|assistant|>\n", False),
+        ("27 days.<|im_end|>", True),
+        ("\n<|user|>\nAnd sick days?\n<|assistant|>\n", False),
+        ("12 days.<|im_end|>", True),
+    ],
+    "custom": [
+        ("[system] Be brief.\n[user] How many leave days?\n\nI am new.\n[assistant] ", False),
+        ("27 days.\n<|im_end|>", True),
+        ("[user] And sick days?\n[assistant] ", False),
+        ("12 days.\n<|im_end|>", True),
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("template", list(EXPECTED))
+def test_multi_turn_masks_system_and_user_and_trains_every_answer_with_its_end_of_turn(tiny_tokenizer, template):
+    example = build_example(TWO_TURNS, data(template), tiny_tokenizer)
+    assert spans(example, tiny_tokenizer) == EXPECTED[template]
+    assert example.labels[-1] == tiny_tokenizer.eos_token_id or template == "chat"
+
+
+def test_auto_template_is_the_tokenizers_chat_template(tiny_tokenizer):
+    auto = build_example(TWO_TURNS, data("auto"), tiny_tokenizer)
+    assert auto == build_example(TWO_TURNS, data("chat"), tiny_tokenizer)
+
+
+def test_train_on_prompt_trains_every_token(tiny_tokenizer):
+    example = build_example(TWO_TURNS, data("chat", train_on_prompt=True), tiny_tokenizer)
+    assert example.labels == example.input_ids
+
+
+def test_configured_system_prompt_applies_only_without_one(tiny_tokenizer):
+    one_turn = {"source": "s", "messages": TWO_TURNS["messages"][1:3]}
+    with_default = spans(build_example(one_turn, data("tags", system_prompt="Be kind."), tiny_tokenizer), tiny_tokenizer)
+    assert with_default[0][0].startswith("<|system|>\nBe kind.\n<|user|>")
+    own = spans(build_example(TWO_TURNS, data("tags", system_prompt="Be kind."), tiny_tokenizer), tiny_tokenizer)
+    assert own[0][0].startswith("<|system|>\nBe brief.\n")
+
+
+@pytest.mark.parametrize("template", list(EXPECTED))
+def test_generation_prompt_is_exactly_the_training_prefix_before_the_last_answer(tiny_tokenizer, template):
+    example = build_example(TWO_TURNS, data(template), tiny_tokenizer)
+    text, ids, reference = generation_prompt(TWO_TURNS, data(template), tiny_tokenizer, 16)
+    assert example.input_ids[: len(ids)] == ids and reference == "12 days."
+    assert text == "".join(t for t, _ in EXPECTED[template][:3])
+    assert example.labels[len(ids)] != IGNORE_INDEX and example.labels[len(ids) - 1] == IGNORE_INDEX
+
+
+def test_template_that_rewrites_earlier_turns_is_refused(tiny_tokenizer):
+    last_only = "{{ messages[-1]['content'] }}{% if add_generation_prompt %}>{% endif %}"
+    with pytest.raises(TokenizationError, match=r"chat\.jsonl:1: the chat template renders earlier turns differently"):
+        build_example(TWO_TURNS, DataConfig(template="custom", chat_template=last_only), tiny_tokenizer)
+
+
+def test_broken_custom_template_names_the_key(tiny_tokenizer):
+    with pytest.raises(TokenizationError, match=r"data\.chat_template failed to render"):
+        build_example(TWO_TURNS, DataConfig(template="custom", chat_template="{% for %}"), tiny_tokenizer)
+
+
+def test_chat_template_required_for_chat():
     class NoTemplate:
         chat_template = None
 
     with pytest.raises(TokenizationError, match="no chat template"):
-        render_prompt(RECORD, "chat", NoTemplate(), None)
+        build_example(TWO_TURNS, data("chat"), NoTemplate())
 
 
-@pytest.mark.parametrize("template", ["chat", "alpaca", "tags"])
-def test_training_sequence_starts_with_exactly_the_generation_prompt(tiny_tokenizer, template):
-    example = build_example(RECORD, tiny_tokenizer, template, None, max_length=256)
-    prompt_ids = encode_prompt(render_prompt(RECORD, template, tiny_tokenizer, None), template, tiny_tokenizer)
-    n = len(prompt_ids)
-    assert example.input_ids[:n] == prompt_ids
-    assert set(example.labels[:n]) == {IGNORE_INDEX}
-    trained = example.labels[n:]
-    assert trained[-1] == tiny_tokenizer.eos_token_id
-    assert tiny_tokenizer.decode(trained[:-1]) == RECORD["output"]
+text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=20).map(str.strip).filter(bool)
+
+
+@st.composite
+def conversations(draw):
+    turns = [{"role": "system", "content": draw(text)}] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 3))):
+        user = {"role": "user", "content": draw(text)}
+        if draw(st.booleans()):
+            user["input"] = draw(text)
+        turns += [user, {"role": "assistant", "content": draw(text)}]
+    return {"source": "h:1", "messages": turns}
+
+
+@pytest.mark.parametrize("template", list(EXPECTED))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(record=conversations())
+def test_random_conversations_train_exactly_the_answers(tiny_tokenizer, template, record):
+    example = build_example(record, data(template, max_length=4096), tiny_tokenizer)
+    trained = [t for t, is_trained in spans(example, tiny_tokenizer) if is_trained]
+    answers = [t["content"] for t in record["messages"] if t["role"] == "assistant"]
+    end = {"chat": "<|im_end|>\n", "custom": "\n<|im_end|>"}.get(template, "<|im_end|>")
+    assert trained == [a + end for a in answers]
+    prompt = "".join(t for t, is_trained in spans(example, tiny_tokenizer) if not is_trained)
+    for turn in record["messages"]:
+        if turn["role"] != "assistant":
+            assert turn["content"] in prompt and turn.get("input", "") in prompt
+
+
+def test_raw_text_is_chunked_to_max_length_and_fully_trained(tiny_tokenizer):
+    records = [{"source": f"t.txt:{i}", "text": f"Document number {i} talks about leave days."} for i in range(6)]
+    chunks = chunk_texts(records, tiny_tokenizer, max_length=16)
+    stream = [t for r in records for t in tiny_tokenizer(r["text"])["input_ids"] + [tiny_tokenizer.eos_token_id]]
+    assert [t for c in chunks for t in c.input_ids] == stream
+    assert all(len(c.input_ids) == 16 for c in chunks[:-1]) and 0 < len(chunks[-1].input_ids) <= 16
+    assert all(c.labels == c.input_ids for c in chunks) and chunks[0].source == "t.txt:0"
+
+
+def test_too_long_example_is_an_error_unless_truncation_is_on():
+    example = Example([1, 2, 3, 4, 5, 6], [IGNORE_INDEX] * 2 + [3, 4, 5, 6], False, "kb.csv:7")
+    with pytest.raises(TooLong, match=r"kb\.csv:7: 6 tokens, longer than data\.max_length=4"):
+        fit_length(example, 4, truncate=False)
+    cut = fit_length(example, 4, truncate=True)
+    assert cut.input_ids == [1, 2, 3, 4] and cut.labels == [IGNORE_INDEX, IGNORE_INDEX, 3, 4] and cut.truncated
+    with pytest.raises(TooLong, match="the prompt alone fills data.max_length=2"):
+        fit_length(example, 2, truncate=True)
 
 
 def test_length_stats_count_trained_share_and_truncation():
-    examples = [
-        assemble_example([1, 2], [3, 0], 10, False, "a"),
-        assemble_example([1, 2, 3, 4], [5, 6, 7, 0], 6, False, "b"),
-    ]
+    examples = [Example([1, 2, 3, 0], [IGNORE_INDEX] * 2 + [3, 0], False, "a"), Example([1] * 6, [IGNORE_INDEX] * 4 + [1, 1], True, "b")]
     stats = length_stats(examples)
     assert stats["tokens"] == 10 and stats["trained_tokens"] == 4 and stats["trained_share"] == 0.4
     assert stats["truncated"] == 1 and stats["length"]["max"] == 6 and stats["length"]["min"] == 4

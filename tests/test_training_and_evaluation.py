@@ -5,25 +5,25 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from slmtune.config import Config, TrackingConfig
-from slmtune.data import normalise_rows, read_rows
+from slmtune.config import Config, DataConfig, SourceConfig, TrackingConfig
+from slmtune.data import read_records
 from slmtune.evaluation import generate_answers, response_loss
 from slmtune.modeling import load_model
-from slmtune.prompting import IGNORE_INDEX, encode_prompt, render_prompt, tokenize_records
+from slmtune.prompting import IGNORE_INDEX, build_example, generation_prompt
 from slmtune.tracking import mlflow_run
 from slmtune.training import StepLog, build_trainer, fit, lora_model
 
 REPO = Path(__file__).resolve().parent.parent
-COLUMNS = {"instruction": "instruction", "input": "input", "output": "output"}
+DATA = DataConfig()
 
 
 @pytest.fixture(scope="module")
 def records():
-    return normalise_rows(read_rows(REPO / "data/raw/company_kb.csv"), COLUMNS, "company_kb.csv")
+    return read_records("kb", SourceConfig(path=str(REPO / "data/raw/company_kb.csv")))[0]
 
 
 def splits_for(records, tokenizer, n_train=16, n_val=4):
-    examples = tokenize_records(records[: n_train + n_val], tokenizer, "chat", None, 256)
+    examples = [build_example(r, DATA, tokenizer) for r in records[: n_train + n_val]]
     to_ds = lambda part: Dataset.from_dict({"input_ids": [e.input_ids for e in part], "labels": [e.labels for e in part]})
     return DatasetDict(train=to_ds(examples[:n_train]), val=to_ds(examples[n_train:]))
 
@@ -100,7 +100,7 @@ def test_response_loss_ignores_padding_and_batching(tiny_model_dir, tiny_tokeniz
 
 def test_batched_generation_equals_one_by_one(tiny_model_dir, tiny_tokenizer, records):
     model = load_model(tiny_model_dir)
-    prompts = [encode_prompt(render_prompt(r, "chat", tiny_tokenizer, None), "chat", tiny_tokenizer) for r in records[:5]]
+    prompts = [generation_prompt(r, DATA, tiny_tokenizer, 6)[1] for r in records[:5]]
     assert len({len(p) for p in prompts}) > 1, "prompts of different lengths exercise left padding"
     batched = generate_answers(model, tiny_tokenizer, prompts, max_new_tokens=6, batch_size=5)
     single = [generate_answers(model, tiny_tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]

@@ -7,11 +7,12 @@ or a value of the wrong type stops with one line naming the key.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 PARAMS_FILE = "params.yaml"
@@ -27,6 +28,8 @@ class ConfigError(ValueError):
 class PathsConfig:
     """Every file and folder the pipeline writes; `dvc.yaml` reads them from here."""
 
+    raw_data: str = "data/raw"
+    """Folder of raw data files; `prepare` depends on all of it, so every file source lives here."""
     base_model: str = "models/base"
     """Materialised base model: safetensors, tokenizer and chat template."""
     prepared: str = "data/prepared"
@@ -36,7 +39,11 @@ class PathsConfig:
     tokenized: str = "data/tokenized"
     """Token ids and label masks per split."""
     token_stats: str = "reports/token_stats.json"
-    """Token-length statistics and truncation counts from `tokenize`."""
+    """Token-length statistics, skipped and truncated examples from `tokenize`."""
+    data_report: str = "reports/data_report.md"
+    """Rows per split and source, drops by reason, token lengths (from `tokenize`)."""
+    length_plot: str = "reports/data_lengths.png"
+    """Histogram of token lengths per split."""
     adapter: str = "models/adapter"
     """The trained PEFT adapter with its provenance."""
     train_log: str = "reports/train_log.csv"
@@ -65,30 +72,67 @@ class ModelConfig:
     """Weights dtype written to `models/base` and used for training (float32 on CPU)."""
 
 
+SOURCE_FORMATS = ("auto", "csv", "jsonl", "json", "parquet", "txt", "disk", "hub")
+SOURCE_KINDS = ("instruction", "chat", "text")
+KIND_FIELDS = {
+    "instruction": ("instruction", "input", "output", "system", "category"),
+    "chat": ("messages", "system", "category"),
+    "text": ("text", "category"),
+}
+SPLIT_NAMES = ("train", "val", "test")
+TEMPLATES = ("auto", "chat", "alpaca", "tags", "custom")
+
+
+@dataclass
+class SourceConfig:
+    """One raw data source and how its rows become records."""
+
+    path: str = MISSING
+    """A file under `paths.raw_data` (.csv, .jsonl, .json, .parquet, .txt), a `save_to_disk` folder there, or a hub dataset id (format hub)."""
+    format: str = "auto"
+    """csv, jsonl, json, parquet, txt, disk (a `datasets` save_to_disk folder) or hub; auto picks from the suffix."""
+    kind: str = "instruction"
+    """Record shape: instruction (instruction/input/output), chat (a list of turns) or text (raw text, every token trained)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Record field -> column in this source (e.g. instruction: question); unmapped fields use their own name."""
+    instruction: Optional[str] = None
+    """Instruction for every row of a source that has none (e.g. "Summarise this dialogue.")."""
+    split: Optional[str] = None
+    """Use every row as this split (train, val or test) instead of splitting at random."""
+    dataset_split: Optional[str] = None
+    """Split to read from a save_to_disk DatasetDict or a hub dataset (hub default: train)."""
+    revision: Optional[str] = None
+    """Hub dataset revision (commit, tag or branch)."""
+    weight: float = 1.0
+    """Share of this source in training: 2.0 repeats each training row twice, 0.5 keeps a seeded half."""
+
+
 @dataclass
 class DataConfig:
-    """Raw data, its columns, the split and how records become token sequences."""
+    """Raw data sources, validation, the split and how records become token sequences."""
 
-    path: str = "data/raw/company_kb.csv"
-    """Raw data file: `.csv` or `.jsonl`."""
-    columns: dict[str, str] = field(
-        default_factory=lambda: {"instruction": "instruction", "input": "input", "output": "output"}
-    )
-    """Record field -> column in the file; instruction and output are required, input/system/category optional."""
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    """Named sources, mixed into one dataset; each row remembers its source name (presets in conf/data/)."""
+    on_invalid: str = "fail"
+    """A bad row (encoding, JSON, missing/empty field, wrong type, duplicate, leak, too long): fail, or skip and count."""
     val_fraction: float = 0.1
-    """Share of records in the validation split."""
+    """Share of prompts in the validation split (sources without a given split)."""
     test_fraction: float = 0.15
-    """Share of records in the test split."""
+    """Share of prompts in the test split (sources without a given split)."""
     split_seed: int = 42
-    """Seed of the deterministic shuffle before splitting."""
-    template: str = "chat"
-    """Prompt template: `chat` (the tokenizer's chat template), `alpaca` or `tags` (<|user|>/<|assistant|>)."""
+    """Seed of the deterministic shuffle before splitting and of weighted sampling."""
+    template: str = "auto"
+    """Prompt template: auto (chat when the tokenizer has a chat template, else alpaca), chat, alpaca, tags or custom."""
+    chat_template: Optional[str] = None
+    """Jinja chat template used when template=custom (same variables as a tokenizer chat template)."""
     system_prompt: Optional[str] = None
-    """System message for chat templates; null keeps the template's own default."""
+    """System message for records without one; null keeps the template's own default."""
     max_length: int = 256
-    """Longest token sequence; longer examples are truncated and counted."""
+    """Longest token sequence (the chunk length for raw text)."""
+    truncate: bool = False
+    """Cut examples longer than max_length (and count them) instead of treating them as invalid."""
     train_on_prompt: bool = False
-    """Also compute the loss on prompt tokens (default: response tokens only)."""
+    """Also compute the loss on prompt tokens (default: assistant tokens only)."""
 
 
 @dataclass
@@ -189,17 +233,51 @@ def validate_config(raw: Any, source: str) -> Config:
 
 
 def _check_values(config: Config, source: str) -> None:
-    fractions = config.data.val_fraction + config.data.test_fraction
-    if not (0 < config.data.test_fraction and 0 <= config.data.val_fraction and fractions < 1):
+    data = config.data
+    fractions = data.val_fraction + data.test_fraction
+    if not (0 <= data.test_fraction and 0 <= data.val_fraction and fractions < 1):
         raise ConfigError(
-            f"{source}: data.val_fraction + data.test_fraction must be below 1 with a non-empty test split "
-            f"(got {config.data.val_fraction} + {config.data.test_fraction})."
+            f"{source}: data.val_fraction + data.test_fraction must be below 1 "
+            f"(got {data.val_fraction} + {data.test_fraction})."
         )
-    if config.data.template not in {"chat", "alpaca", "tags"}:
-        raise ConfigError(f"{source}: data.template must be chat, alpaca or tags, not '{config.data.template}'.")
-    for required in ("instruction", "output"):
-        if required not in config.data.columns:
-            raise ConfigError(f"{source}: data.columns needs a '{required}' entry naming its column in the file.")
+    _one_of(source, "data.on_invalid", data.on_invalid, ("fail", "skip"))
+    _one_of(source, "data.template", data.template, TEMPLATES)
+    if data.template == "custom" and not data.chat_template:
+        raise ConfigError(f"{source}: data.template=custom needs data.chat_template (a Jinja chat template).")
+    if not data.sources:
+        raise ConfigError(f"{source}: data.sources is empty; add at least one source.")
+    for name, src in data.sources.items():
+        _check_source(f"data.sources.{name}", src, config.paths.raw_data, source)
+
+
+def _one_of(source: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{source}: {key} must be one of {', '.join(allowed)}, not '{value}'.")
+
+
+def _check_source(key: str, src: SourceConfig, raw_data: str, source: str) -> None:
+    _one_of(source, f"{key}.format", src.format, SOURCE_FORMATS)
+    _one_of(source, f"{key}.kind", src.kind, SOURCE_KINDS)
+    if src.split is not None:
+        _one_of(source, f"{key}.split", src.split, SPLIT_NAMES)
+    if not src.weight > 0:
+        raise ConfigError(f"{source}: {key}.weight must be above 0 (got {src.weight}).")
+    unknown = sorted(set(src.columns) - set(KIND_FIELDS[src.kind]))
+    if unknown:
+        raise ConfigError(
+            f"{source}: {key}.columns: unknown field(s) {', '.join(unknown)} for kind {src.kind}; "
+            f"use {', '.join(KIND_FIELDS[src.kind])}."
+        )
+    if src.format != "hub" and not _is_inside(src.path, raw_data):
+        raise ConfigError(
+            f"{source}: {key}.path '{src.path}' is outside {raw_data}/; move the file there "
+            f"(prepare depends on {raw_data}/, so DVC tracks it) or set format: hub for a hub dataset."
+        )
+
+
+def _is_inside(path: str, folder: str) -> bool:
+    relative = Path(os.path.normpath(path))
+    return not relative.is_absolute() and Path(os.path.normpath(folder)) in relative.parents
 
 
 def load_config(path: str | Path = PARAMS_FILE) -> Config:

@@ -1,194 +1,331 @@
-"""Raw data -> validated, normalised records -> deterministic train/val/test splits.
+"""Raw rows -> validated records -> deterministic train/val/test splits.
 
-A record is a plain dict: `instruction`, `input`, `output`, optional `system` and `category`, and
-`source` ("file:line") so every later error can point back at the row it came from.
+A record is plain data with `source` (the row's location), `origin` (the source's name in config) and
+`category`, plus either `messages` (system/user/assistant turns, the last one from the assistant) or
+`text` (raw text for continued pre-training). Every problem with a row is a `Problem`; the policy
+`data.on_invalid` either stops at the first one (fail) or drops the rows and counts them (skip).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import random
-from dataclasses import dataclass
+import re
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-REQUIRED_FIELDS = ("instruction", "output")
-OPTIONAL_FIELDS = ("input", "system", "category")
-RECORD_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
-SPLITS = ("train", "val", "test")
+from .config import KIND_FIELDS, SPLIT_NAMES, SourceConfig
+from .formats import DataError, Problem, Row, read_source, source_format
+
+SPLITS = SPLIT_NAMES
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+}
+TAG = re.compile(r"<\|(system|user|assistant)\|>")
+REQUIRED = {"instruction": ("instruction", "output"), "chat": ("messages",), "text": ("text",)}
+
+class RowProblem(Exception):
+    """Raised while normalising one row; becomes a `Problem`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
 
 
-class DataError(ValueError):
-    """Bad input data, worded for the person who has to fix the file."""
+def column_of(source: SourceConfig, field_name: str) -> str:
+    """The column that holds a record field in this source."""
+    return source.columns.get(field_name, field_name)
 
 
-def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """Rows of a `.csv` or `.jsonl` file as (line number, column -> value) pairs."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found. Set data.path to an existing .csv or .jsonl file.")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
+def _text(values: dict[str, Any], column: str, required: bool) -> str:
+    if column not in values:
+        if required:
+            raise RowProblem("missing field", f"column '{column}' is missing")
+        return ""
+    value = values[column]
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise RowProblem("wrong type", f"column '{column}' must be text, got {type(value).__name__}")
+    value = value.strip()
+    if required and not value:
+        raise RowProblem("empty field", f"column '{column}' is empty")
+    return value
+
+
+def parse_tagged(text: str) -> list[dict[str, str]]:
+    """`<|user|> hi <|assistant|> hello` -> turns; text before the first tag is a user turn."""
+    parts = TAG.split(text)
+    turns = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []
+    for role, content in zip(parts[1::2], parts[2::2]):
+        turns.append({"role": role, "content": content.strip()})
+    return turns
+
+
+def _turn(value: Any, index: int, column: str) -> dict[str, str]:
+    where = f"column '{column}' turn {index}"
+    if not isinstance(value, dict):
+        raise RowProblem("wrong type", f"{where} must be an object with role/content (or from/value), got {type(value).__name__}")
+    role = value.get("role", value.get("from"))
+    content = value.get("content", value.get("value"))
+    if role is None or content is None:
+        raise RowProblem("missing field", f"{where} needs 'role' and 'content' (or ShareGPT 'from' and 'value')")
+    if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
+        raise RowProblem("wrong type", f"{where} has role {role!r}; use system, user/human or assistant/gpt")
+    if not isinstance(content, str):
+        raise RowProblem("wrong type", f"{where} content must be text, got {type(content).__name__}")
+    return {"role": ROLE_ALIASES[role.lower()], "content": content.strip()}
+
+
+def check_conversation(turns: list[dict[str, str]], column: str) -> list[dict[str, str]]:
+    """Optional system turn, then user/assistant alternating, ending with the assistant; no empty turn."""
+    for index, turn in enumerate(turns, start=1):
+        if not turn["content"] and not (turn["role"] == "user" and turn.get("input")):
+            raise RowProblem("empty field", f"column '{column}' turn {index} ({turn['role']}) is empty")
+    offset = 1 if turns and turns[0]["role"] == "system" else 0
+    body = turns[offset:]
+    if not body:
+        raise RowProblem("empty field", f"column '{column}' has no user or assistant turn")
+    for index, turn in enumerate(body):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if turn["role"] != expected:
+            raise RowProblem(
+                "bad conversation",
+                f"column '{column}' turn {offset + index + 1} is from {turn['role']} where {expected} was expected "
+                "(after an optional system turn, user and assistant must alternate)",
+            )
+    if body[-1]["role"] != "assistant":
+        raise RowProblem("bad conversation", f"column '{column}' ends with a user turn; the last turn must be the assistant's answer")
+    return turns
+
+
+def _instruction_turns(values: dict[str, Any], source: SourceConfig) -> list[dict[str, str]]:
+    instruction = source.instruction or _text(values, column_of(source, "instruction"), True)
+    context = _text(values, column_of(source, "input"), False)
+    output = _text(values, column_of(source, "output"), True)
+    system = _text(values, column_of(source, "system"), False)
+    turns = parse_tagged(instruction) if TAG.search(instruction) else [{"role": "user", "content": instruction}]
+    if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+        turns.pop()
+    if context:
+        turns[-1] = {**turns[-1], "input": context}
+    answer = TAG.sub("", output, count=1).strip() if output.startswith("<|assistant|>") else output
+    turns.append({"role": "assistant", "content": answer})
+    if system and turns[0]["role"] != "system":
+        turns.insert(0, {"role": "system", "content": system})
+    return check_conversation(turns, column_of(source, "instruction"))
+
+
+def _chat_turns(values: dict[str, Any], source: SourceConfig) -> list[dict[str, str]]:
+    column = column_of(source, "messages")
+    if column not in values:
+        raise RowProblem("missing field", f"column '{column}' is missing")
+    raw = values[column]
+    if isinstance(raw, str):
+        turns = parse_tagged(raw)
+    elif isinstance(raw, list):
+        turns = [_turn(value, index, column) for index, value in enumerate(raw, start=1)]
+    else:
+        raise RowProblem("wrong type", f"column '{column}' must be a list of turns or tagged text, got {type(raw).__name__}")
+    system = _text(values, column_of(source, "system"), False)
+    if system and not (turns and turns[0]["role"] == "system"):
+        turns.insert(0, {"role": "system", "content": system})
+    return check_conversation(turns, column)
+
+
+def row_to_record(row: Row, source: SourceConfig, origin: str) -> dict[str, Any]:
+    """A validated record of one row; raises RowProblem."""
+    record: dict[str, Any] = {"source": row.location, "origin": origin}
+    record["category"] = _text(row.values, column_of(source, "category"), False)
+    if source.kind == "text":
+        record["text"] = _text(row.values, column_of(source, "text"), True)
+    elif source.kind == "chat":
+        record["messages"] = _chat_turns(row.values, source)
+    else:
+        record["messages"] = _instruction_turns(row.values, source)
+    return record
+
+
+def normalise_text(text: str) -> str:
+    """Lower case, punctuation and symbols removed, whitespace collapsed: the form leaks are compared in."""
+    return re.sub(r"[\W_]+", " ", text.lower()).strip()
+
+
+def _turn_text(turn: dict[str, str]) -> str:
+    return f"{turn['role']}: {turn['content']} {turn.get('input', '')}"
+
+
+def prompt_key(record: dict[str, Any]) -> str:
+    """The normalised question: every turn before the final answer (raw text: the whole text)."""
+    if "text" in record:
+        return normalise_text(record["text"])
+    return normalise_text(" ".join(_turn_text(t) for t in record["messages"][:-1]))
+
+
+def content_key(record: dict[str, Any]) -> str:
+    """The normalised record: question and answer."""
+    if "text" in record:
+        return prompt_key(record)
+    return normalise_text(" ".join(_turn_text(t) for t in record["messages"]))
+
+
+def _missing_columns(rows: list[Row], source: SourceConfig) -> list[str]:
+    """Required columns that no row has: a mapping problem, not a row problem."""
+    present = set().union(*(row.values.keys() for row in rows)) if rows else set()
+    required = [f for f in REQUIRED[source.kind] if not (f == "instruction" and source.instruction)]
+    return [column_of(source, f) for f in required if column_of(source, f) not in present]
+
+
+def read_records(name: str, source: SourceConfig) -> tuple[list[dict[str, Any]], list[Problem], int]:
+    """Records of one source, the problems of its rows, and how many rows were read."""
+    rows, unreadable = read_source(source.path, source_format(source.path, source.format), source.dataset_split, source.revision)
+    missing = _missing_columns(rows, source)
+    if rows and missing:
+        present = sorted(set().union(*(row.values.keys() for row in rows)))
         raise DataError(
-            f"{path}: not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}). Re-save the file as UTF-8."
-        ) from None
-    if not text.strip():
-        raise DataError(f"{path}: file is empty. It needs a header row (CSV) or JSON lines with at least one example.")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _read_csv(path, text)
-    if suffix in {".jsonl", ".json"}:
-        return _read_jsonl(path, text)
-    raise DataError(f"{path}: unsupported file type '{suffix}'. Use .csv or .jsonl.")
-
-
-def _read_csv(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    rows = []
-    try:
-        for row in reader:
-            if None in row:
-                raise DataError(f"{path} line {reader.line_num}: more fields than the header has columns.")
-            rows.append((reader.line_num, row))
-    except csv.Error as exc:
-        raise DataError(f"{path} line {reader.line_num}: broken CSV ({exc}).") from None
-    if not rows:
-        raise DataError(f"{path}: has a header but no data rows.")
-    return rows
-
-
-def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}.")
-        rows.append((number, row))
-    return rows
-
-
-def normalise_rows(
-    rows: Iterable[tuple[int, dict[str, Any]]], columns: dict[str, str], source_name: str
-) -> list[dict[str, str]]:
-    """Map columns to record fields, check required fields are non-empty strings, strip whitespace."""
-    rows = list(rows)
-    unknown = set(columns) - set(RECORD_FIELDS)
-    if unknown:
-        raise DataError(f"data.columns: unknown record field(s) {sorted(unknown)}; use {list(RECORD_FIELDS)}.")
-    present = set().union(*(row.keys() for _, row in rows)) if rows else set()
-    missing = [f"'{columns[f]}'" for f in REQUIRED_FIELDS if columns[f] not in present]
-    if missing:
-        raise DataError(
-            f"{source_name}: missing column(s) {', '.join(missing)} (found: {', '.join(sorted(present)) or 'none'}). "
-            "Rename them in the file or map them with data.columns."
+            f"{source.path}: missing column(s) {', '.join(repr(c) for c in missing)} (found: {', '.join(present) or 'none'}). "
+            f"Rename them in the file or map them with data.sources.{name}.columns "
+            f"(fields for kind {source.kind}: {', '.join(KIND_FIELDS[source.kind])})."
         )
-    records = []
-    for line, row in rows:
-        record = {"source": f"{source_name}:{line}"}
-        for field_name in RECORD_FIELDS:
-            column = columns.get(field_name)
-            value = row.get(column) if column else None
-            if value is None:
-                value = ""
-            if not isinstance(value, str):
-                raise DataError(
-                    f"{source_name} line {line}: column '{column}' must be text, got {type(value).__name__}."
-                )
-            record[field_name] = value.strip()
-        for field_name in REQUIRED_FIELDS:
-            if not record[field_name]:
-                raise DataError(f"{source_name} line {line}: column '{columns[field_name]}' is empty.")
-        records.append(record)
-    return records
+    records, problems = [], list(unreadable)
+    for row in rows:
+        try:
+            records.append(row_to_record(row, source, name))
+        except RowProblem as exc:
+            problems.append(Problem(row.location, exc.reason, f"{row.location}: {exc.detail}."))
+    return records, problems, len(rows) + len(unreadable)
 
 
-def prompt_key(record: dict[str, str]) -> tuple[str, str, str]:
-    """What the model is asked: system, instruction and input."""
-    return record.get("system", ""), record["instruction"], record.get("input", "")
-
-
-def _content_key(record: dict[str, str]) -> tuple[str, ...]:
-    return tuple(record.get(f, "") for f in RECORD_FIELDS)
-
-
-def drop_exact_duplicates(records: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[str]]:
-    """Keep the first of each identical record; return the kept records and the sources dropped."""
-    seen: set[tuple[str, ...]] = set()
-    kept, dropped = [], []
+def find_duplicates(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Problem]]:
+    """Keep the first of records that are equal once normalised; the others are problems."""
+    first: dict[str, str] = {}
+    kept, problems = [], []
     for record in records:
-        key = _content_key(record)
-        if key in seen:
-            dropped.append(record["source"])
+        key = content_key(record)
+        if key in first:
+            location = record["source"]
+            problems.append(Problem(location, "duplicate", f"{location}: duplicate of {first[key]} (same text up to case, spacing and punctuation)."))
         else:
-            seen.add(key)
+            first[key] = record["source"]
             kept.append(record)
-    return kept, dropped
+    return kept, problems
 
 
-def split_records(
-    records: list[dict[str, str]], val_fraction: float, test_fraction: float, seed: int
-) -> dict[str, list[dict[str, str]]]:
-    """Deterministic split by prompt: records sharing a prompt always land in the same split."""
-    groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+def random_split(records: list[dict[str, Any]], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[dict[str, Any]]]:
+    """Deterministic split by normalised prompt: records asking the same thing share a split."""
+    groups: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         groups.setdefault(prompt_key(record), []).append(record)
     keys = sorted(groups)
-    if len(keys) < 3:
-        raise DataError(f"only {len(keys)} distinct prompt(s); train, val and test need at least 3.")
     random.Random(seed).shuffle(keys)
-    n_test = max(1, round(len(keys) * test_fraction))
+    n_test = round(len(keys) * test_fraction)
     n_val = round(len(keys) * val_fraction)
-    if n_test + n_val >= len(keys):
+    if keys and n_test + n_val >= len(keys):
         raise DataError(
-            f"{len(keys)} distinct prompts leave no training data with val_fraction={val_fraction} "
-            f"and test_fraction={test_fraction}."
+            f"{len(keys)} distinct prompts leave no training data with data.val_fraction={val_fraction} "
+            f"and data.test_fraction={test_fraction}; lower them or add data."
         )
     parts = {"test": keys[:n_test], "val": keys[n_test : n_test + n_val], "train": keys[n_test + n_val :]}
     return {name: [r for key in parts[name] for r in groups[key]] for name in SPLITS}
 
 
-def leaked_prompts(train: list[dict[str, str]], test: list[dict[str, str]]) -> list[str]:
-    """Sources of test records whose prompt also appears in the training split."""
-    train_prompts = {prompt_key(r) for r in train}
-    return [r["source"] for r in test if prompt_key(r) in train_prompts]
+def find_leaks(splits: dict[str, list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[Problem]]:
+    """Training records whose normalised prompt is also asked in val or test: the training copies are problems."""
+    held_out: dict[str, str] = {}
+    for name in ("test", "val"):
+        for record in splits[name]:
+            held_out.setdefault(prompt_key(record), f"{name} ({record['source']})")
+    kept, problems = [], []
+    for record in splits["train"]:
+        other = held_out.get(prompt_key(record))
+        if other:
+            problems.append(
+                Problem(record["source"], "leak", f"{record['source']}: training prompt also in {other} (compared ignoring case, spacing and punctuation).")
+            )
+        else:
+            kept.append(record)
+    return kept, problems
+
+
+def weighted(records: list[dict[str, Any]], weights: dict[str, float], seed: int) -> list[dict[str, Any]]:
+    """Training records resampled per source: whole repeats for the integer part, a seeded sample for the rest."""
+    rng = random.Random(seed)
+    result = []
+    for origin in sorted({r["origin"] for r in records}, key=list(weights).index):
+        own = [r for r in records if r["origin"] == origin]
+        whole, fraction = divmod(weights[origin], 1.0)
+        result += own * int(whole)
+        result += rng.sample(own, round(len(own) * fraction))
+    return result
+
+
+@dataclass
+class Issues:
+    """Problems found so far, and the policy that decides what they do."""
+
+    policy: str
+    problems: list[Problem] = field(default_factory=list)
+
+    def add(self, found: list[Problem]) -> None:
+        if found and self.policy == "fail":
+            first = found[0]
+            more = f" ({len(found) - 1} more like it)" if len(found) > 1 else ""
+            raise DataError(f"{first.message.rstrip('.')}{more}. Fix the data, or set data.on_invalid=skip to drop and count such rows.")
+        self.problems += found
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "dropped": dict(sorted(Counter(p.reason for p in self.problems).items())),
+            "skipped": [{"location": p.location, "reason": p.reason, "message": p.message} for p in self.problems],
+        }
 
 
 @dataclass
 class PreparedData:
     """The result of `prepare_data`: the splits and their statistics."""
 
-    splits: dict[str, list[dict[str, str]]]
+    splits: dict[str, list[dict[str, Any]]]
     stats: dict[str, Any]
 
 
-def prepare_data(
-    path: str | Path, columns: dict[str, str], val_fraction: float, test_fraction: float, seed: int
-) -> PreparedData:
-    """Read, validate, normalise, de-duplicate and split one raw data file."""
-    path = Path(path)
-    rows = read_rows(path)
-    records = normalise_rows(rows, columns, str(path))
-    kept, dropped = drop_exact_duplicates(records)
-    splits = split_records(kept, val_fraction, test_fraction, seed)
-    leaks = leaked_prompts(splits["train"], splits["test"])
-    if leaks:
-        raise DataError(f"test prompts also in train: {', '.join(leaks[:5])}; the split must keep them apart.")
+def prepare_data(data: Any) -> PreparedData:
+    """Read every source, validate and de-duplicate rows, split, check leaks, weight the training mix."""
+    issues = Issues(data.on_invalid)
+    records, sources = [], {}
+    for name, source in data.sources.items():
+        found, problems, rows_read = read_records(name, source)
+        issues.add(problems)
+        records += found
+        sources[name] = {"path": source.path, "kind": source.kind, "rows_read": rows_read, "split": source.split, "weight": source.weight}
+    records, duplicates = find_duplicates(records)
+    issues.add(duplicates)
+    given = [r for r in records if data.sources[r["origin"]].split is None]
+    splits = random_split(given, data.val_fraction, data.test_fraction, data.split_seed)
+    for record in records:
+        if data.sources[record["origin"]].split is not None:
+            splits[data.sources[record["origin"]].split].append(record)
+    splits["train"], leaks = find_leaks(splits)
+    issues.add(leaks)
+    for name in ("train", "test"):
+        if not splits[name]:
+            raise DataError(f"the {name} split is empty; add data, give a source split: {name}, or change data.test_fraction.")
+    weights = {name: source.weight for name, source in data.sources.items()}
+    splits["train"] = weighted(splits["train"], weights, data.split_seed)
     stats = {
-        "source": str(path),
-        "rows_read": len(records),
-        "duplicates_dropped": len(dropped),
-        "duplicate_sources": dropped,
-        "split_seed": seed,
+        "sources": sources,
         "rows": {name: len(part) for name, part in splits.items()},
+        "rows_by_source": {name: dict(Counter(r["origin"] for r in part)) for name, part in splits.items()},
+        "on_invalid": data.on_invalid,
+        "split_seed": data.split_seed,
+        **issues.stats(),
     }
     return PreparedData(splits=splits, stats=stats)
 
@@ -197,8 +334,7 @@ def run_prepare(config: Any, prepared_dir: Path, stats_path: Path) -> PreparedDa
     """The prepare stage: write `<split>.jsonl` for each split and the stats JSON."""
     from .outputs import write_json, write_jsonl
 
-    data = config.data
-    prepared = prepare_data(data.path, dict(data.columns), data.val_fraction, data.test_fraction, data.split_seed)
+    prepared = prepare_data(config.data)
     prepared_dir.mkdir(parents=True)
     for name, records in prepared.splits.items():
         write_jsonl(prepared_dir / f"{name}.jsonl", records)

@@ -11,7 +11,7 @@ import torch
 from .config import Config
 from .lineage import read_provenance
 from .outputs import read_jsonl, write_json, write_jsonl
-from .prompting import IGNORE_INDEX, encode_prompt, padding_collator, render_prompt
+from .prompting import IGNORE_INDEX, generation_prompt, padding_collator
 from .tracking import mlflow_run
 
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -83,6 +83,14 @@ def score_model(model: Any, tokenizer: Any, config: Config, test_tokens: Any, pr
     return summary, details
 
 
+def question_text(record: dict[str, Any]) -> str:
+    """A short label for a test record: its last user turn (raw text: its opening words)."""
+    if "text" in record:
+        return " ".join(record["text"].split()[:12]) + " …"
+    user = [t for t in record["messages"] if t["role"] == "user"][-1]
+    return user["content"] + (f" — {user['input']}" if user.get("input") else "")
+
+
 def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score the base model and base + adapter on the test split."""
     from datasets import load_from_disk
@@ -91,12 +99,16 @@ def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[s
     from .modeling import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.paths.base_model)
-    records = read_jsonl(Path(config.paths.prepared) / "test.jsonl")
     test_tokens = load_from_disk(config.paths.tokenized)["test"]
-    template, system = config.data.template, config.data.system_prompt
-    prompts = [render_prompt(r, template, tokenizer, system) for r in records]
-    prompt_ids = [encode_prompt(p, template, tokenizer) for p in prompts]
-    references = [r["output"] for r in records]
+    kept = set(test_tokens["source"])
+    records = [r for r in read_jsonl(Path(config.paths.prepared) / "test.jsonl") if "text" in r or r["source"] in kept]
+    prompts, prompt_ids, references = [], [], []
+    for record in records:
+        text, ids, reference = generation_prompt(record, config.data, tokenizer, config.eval.max_new_tokens)
+        prompts.append(text)
+        prompt_ids.append(ids)
+        references.append(reference)
+    test_tokens = test_tokens.select_columns(["input_ids", "labels"])
 
     model = PeftModel.from_pretrained(load_model(config.paths.base_model, config.model.dtype), config.paths.adapter)
     tuned, tuned_details = score_model(model, tokenizer, config, test_tokens, prompt_ids, references)
@@ -108,8 +120,8 @@ def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[s
         {
             "source": record["source"],
             "prompt": prompt,
-            "instruction": record["instruction"],
-            "input": record.get("input", ""),
+            "question": question_text(record),
+            "category": record.get("category", ""),
             "reference": reference,
             "base": base_details["answers"][i],
             "tuned": tuned_details["answers"][i],

@@ -1,8 +1,10 @@
-"""Records -> prompt text -> token ids with labels masked to the response.
+"""Records -> rendered conversations -> token ids with labels masked to the assistant turns.
 
-The prompt is rendered and tokenized on its own, the response is tokenized on its own and ends with
-EOS. Training sees `prompt_ids + response_ids + [eos]`; generation feeds exactly `prompt_ids`, so the
-model is trained on the same boundary it is later asked to continue from.
+A conversation is rendered as pieces `(text, trained)`: everything the model is given (system, user
+turns, the template's headers) is untrained, each assistant answer with its end-of-turn is trained.
+Each piece is tokenized on its own and the ids are concatenated, so generation, which feeds exactly
+the pieces before the last answer, continues from the same boundary the model was trained on.
+Raw text records are not masked: their tokens are joined with EOS and cut into `max_length` chunks.
 """
 
 from __future__ import annotations
@@ -13,53 +15,21 @@ from typing import Any
 
 IGNORE_INDEX = -100
 
-ALPACA_WITH_INPUT = (
+ALPACA_INTRO = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+ALPACA_INTRO_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-TAGS = "<|user|>\n{user}\n<|assistant|>\n"
+TEXT_PROMPT_TOKENS = 32
+"""Raw text in evaluation: the model continues the first tokens (at most this many, at most half)."""
 
 
 class TokenizationError(ValueError):
-    """An example that cannot be turned into a trainable sequence."""
+    """A record or template that cannot be turned into a trainable sequence."""
 
 
-def user_message(record: dict[str, str]) -> str:
-    """The user turn: the instruction, followed by the input when there is one."""
-    if record.get("input"):
-        return f"{record['instruction']}\n\n{record['input']}"
-    return record["instruction"]
-
-
-def render_prompt(record: dict[str, str], template: str, tokenizer: Any, system_prompt: str | None) -> str:
-    """The text the model sees before its answer, in the chosen template."""
-    system = record.get("system") or system_prompt
-    if template == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise TokenizationError(
-                "data.template=chat but the tokenizer has no chat template; choose data.template=alpaca or tags."
-            )
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user_message(record)}
-        ]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prefix = f"{system}\n\n" if system else ""
-    if template == "alpaca":
-        body = ALPACA_WITH_INPUT if record.get("input") else ALPACA_NO_INPUT
-        return prefix + body.format(instruction=record["instruction"], input=record.get("input", ""))
-    if template == "tags":
-        return prefix + TAGS.format(user=user_message(record))
-    raise TokenizationError(f"unknown template '{template}'; use chat, alpaca or tags.")
-
-
-def encode_prompt(prompt: str, template: str, tokenizer: Any) -> list[int]:
-    """Token ids of a rendered prompt; chat templates carry their own special tokens."""
-    return tokenizer(prompt, add_special_tokens=template != "chat")["input_ids"]
+class TooLong(Exception):
+    """An example longer than max_length while truncation is off."""
 
 
 @dataclass
@@ -69,40 +39,167 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    source: str
 
 
-def build_example(
-    record: dict[str, str],
-    tokenizer: Any,
-    template: str,
-    system_prompt: str | None,
-    max_length: int,
-    train_on_prompt: bool = False,
-) -> Example:
-    """Tokenize a record; labels are IGNORE_INDEX on the prompt unless `train_on_prompt`."""
-    prompt_ids = encode_prompt(render_prompt(record, template, tokenizer, system_prompt), template, tokenizer)
-    response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return assemble_example(prompt_ids, response_ids, max_length, train_on_prompt, record.get("source", "?"))
-
-
-def assemble_example(
-    prompt_ids: list[int], response_ids: list[int], max_length: int, train_on_prompt: bool, source: str
-) -> Example:
-    """Concatenate, truncate to `max_length` from the end of the response, and mask the prompt."""
-    room = max_length - len(prompt_ids)
-    if room <= 0:
+def resolve_template(template: str, tokenizer: Any) -> str:
+    """`auto` becomes chat when the tokenizer has a chat template, else alpaca."""
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise TokenizationError(
-            f"{source}: the prompt alone is {len(prompt_ids)} tokens, leaving no response token to train "
-            f"within data.max_length={max_length}. Raise data.max_length or shorten the prompt."
+            "data.template=chat but the tokenizer has no chat template; use auto, alpaca, tags or custom."
         )
-    truncated = len(response_ids) > room
-    response_ids = response_ids[:room]
-    prompt_labels = list(prompt_ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
-    return Example(
-        input_ids=list(prompt_ids) + list(response_ids),
-        labels=prompt_labels + list(response_ids),
-        truncated=truncated,
-    )
+    return template
+
+
+def user_text(turn: dict[str, str]) -> str:
+    """A user turn as one message: its content, then its input (context) when there is one."""
+    return f"{turn['content']}\n\n{turn['input']}" if turn.get("input") else turn["content"]
+
+
+def with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """Prepend the configured system prompt to a conversation that has none."""
+    if system_prompt and not (messages and messages[0]["role"] == "system"):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def _chat_render(tokenizer: Any, messages: list[dict[str, str]], custom: str | None, generation: bool) -> str:
+    plain = [{"role": m["role"], "content": user_text(m)} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(plain, chat_template=custom, add_generation_prompt=generation, tokenize=False)
+    except Exception as exc:  # jinja2 raises several classes for a broken template
+        where = "data.chat_template" if custom else "the tokenizer's chat template"
+        raise TokenizationError(f"{where} failed to render: {str(exc).splitlines()[0]}") from None
+
+
+def _chat_pieces(messages: list[dict[str, str]], tokenizer: Any, custom: str | None, source: str) -> list[tuple[str, bool]]:
+    pieces, rendered = [], ""
+    for index, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        prompt = _chat_render(tokenizer, messages[:index], custom, generation=True)
+        full = _chat_render(tokenizer, messages[: index + 1], custom, generation=False)
+        if not (prompt.startswith(rendered) and full.startswith(prompt)):
+            raise TokenizationError(
+                f"{source}: the chat template renders earlier turns differently once a later turn is added, so turns "
+                "cannot be masked separately; use data.template=custom with a template that appends turns."
+            )
+        pieces += [(prompt[len(rendered) :], False), (full[len(prompt) :], True)]
+        rendered = full
+    return pieces
+
+
+def _alpaca_pieces(messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    turns = messages[1:] if system else messages
+    intro = ALPACA_INTRO_WITH_INPUT if turns[0].get("input") else ALPACA_INTRO
+    pieces = []
+    for index, turn in enumerate(turns):
+        if turn["role"] == "assistant":
+            pieces.append((turn["content"], True))
+            continue
+        text = f"### Instruction:\n{turn['content']}\n\n"
+        if turn.get("input"):
+            text += f"### Input:\n{turn['input']}\n\n"
+        head = (f"{system}\n\n" if system else "") + intro if index == 0 else "\n\n"
+        pieces.append((head + text + "### Response:\n", False))
+    return pieces
+
+
+def _tag_pieces(messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    pieces, head = [], ""
+    for turn in messages:
+        if turn["role"] == "system":
+            head = f"<|system|>\n{turn['content']}\n"
+        elif turn["role"] == "user":
+            pieces.append((f"{head}<|user|>\n{user_text(turn)}\n<|assistant|>\n", False))
+            head = "\n"
+        else:
+            pieces.append((turn["content"], True))
+    return pieces
+
+
+def conversation_pieces(record: dict[str, Any], data: Any, tokenizer: Any) -> list[tuple[str, bool]]:
+    """The rendered conversation as `(text, trained)` pieces in the configured template."""
+    messages = with_system(record["messages"], data.system_prompt)
+    template = resolve_template(data.template, tokenizer)
+    if template in ("chat", "custom"):
+        return _chat_pieces(messages, tokenizer, data.chat_template if template == "custom" else None, record["source"])
+    if template == "alpaca":
+        return _alpaca_pieces(messages)
+    if template == "tags":
+        return _tag_pieces(messages)
+    raise TokenizationError(f"unknown data.template '{template}'; use auto, chat, alpaca, tags or custom.")
+
+
+def encode_pieces(pieces: list[tuple[str, bool]], data: Any, tokenizer: Any) -> list[tuple[list[int], bool]]:
+    """Token ids per piece; trained pieces end with EOS (added when the template's end-of-turn is not EOS).
+
+    Chat templates write their own special tokens; plain templates get the tokenizer's (BOS) once."""
+    plain = resolve_template(data.template, tokenizer) in ("alpaca", "tags")
+    encoded = []
+    for index, (text, trained) in enumerate(pieces):
+        ids = tokenizer(text, add_special_tokens=plain and index == 0)["input_ids"]
+        if trained and tokenizer.eos_token_id not in ids:
+            ids = ids + [tokenizer.eos_token_id]
+        encoded.append((ids, trained))
+    return encoded
+
+
+def build_example(record: dict[str, Any], data: Any, tokenizer: Any) -> Example:
+    """A conversation as ids and labels (IGNORE_INDEX except on assistant turns, unless train_on_prompt)."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for ids, trained in encode_pieces(conversation_pieces(record, data, tokenizer), data, tokenizer):
+        input_ids += ids
+        labels += ids if trained or data.train_on_prompt else [IGNORE_INDEX] * len(ids)
+    return fit_length(Example(input_ids, labels, False, record["source"]), data.max_length, data.truncate)
+
+
+def fit_length(example: Example, max_length: int, truncate: bool) -> Example:
+    """Cut an example to `max_length` when allowed; it must keep at least one trained token."""
+    if len(example.input_ids) <= max_length:
+        return example
+    if not truncate:
+        raise TooLong(
+            f"{example.source}: {len(example.input_ids)} tokens, longer than data.max_length={max_length}. "
+            "Raise data.max_length, set data.truncate=true, or set data.on_invalid=skip to drop it."
+        )
+    labels = example.labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise TooLong(
+            f"{example.source}: the prompt alone fills data.max_length={max_length}, leaving no answer token to train. "
+            "Raise data.max_length or shorten the prompt."
+        )
+    return Example(example.input_ids[:max_length], labels, True, example.source)
+
+
+def chunk_texts(records: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[Example]:
+    """Raw text for continued pre-training: each text + EOS, joined, cut into `max_length` chunks, all trained."""
+    stream: list[tuple[int, str]] = []
+    for record in records:
+        ids = tokenizer(record["text"])["input_ids"] + [tokenizer.eos_token_id]
+        stream += [(token, record["source"]) for token in ids]
+    chunks = [stream[start : start + max_length] for start in range(0, len(stream), max_length)]
+    return [Example([t for t, _ in chunk], [t for t, _ in chunk], False, chunk[0][1]) for chunk in chunks]
+
+
+def generation_prompt(record: dict[str, Any], data: Any, tokenizer: Any, max_new_tokens: int) -> tuple[str, list[int], str]:
+    """What the model is given at test time (decoded from its ids, special tokens included), the ids, and the
+    reference it should produce.
+
+    Conversations: every piece before the last answer; the reference is that answer. Raw text: the
+    first tokens (at most TEXT_PROMPT_TOKENS, at most half); the reference is what follows."""
+    if "text" in record:
+        ids = tokenizer(record["text"])["input_ids"]
+        cut = max(1, min(TEXT_PROMPT_TOKENS, len(ids) // 2))
+        reference = tokenizer.decode(ids[cut : cut + max_new_tokens], skip_special_tokens=True).strip()
+        return tokenizer.decode(ids[:cut], skip_special_tokens=True), ids[:cut], reference
+    pieces = conversation_pieces(record, data, tokenizer)
+    ids = [t for piece, _ in encode_pieces(pieces[:-1], data, tokenizer) for t in piece]
+    return tokenizer.decode(ids), ids, record["messages"][-1]["content"]
 
 
 def padding_collator(tokenizer: Any) -> Any:
@@ -112,16 +209,21 @@ def padding_collator(tokenizer: Any) -> Any:
     return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
 
 
-def tokenize_records(
-    records: list[dict[str, str]],
-    tokenizer: Any,
-    template: str,
-    system_prompt: str | None,
-    max_length: int,
-    train_on_prompt: bool = False,
-) -> list[Example]:
-    """`build_example` over a split."""
-    return [build_example(r, tokenizer, template, system_prompt, max_length, train_on_prompt) for r in records]
+def tokenize_split(records: list[dict[str, Any]], data: Any, tokenizer: Any, issues: Any) -> list[Example]:
+    """Conversations one by one (too-long ones go to `issues`), then the split's raw text in chunks."""
+    from .formats import Problem
+
+    examples, too_long = [], []
+    for record in records:
+        if "text" in record:
+            continue
+        try:
+            examples.append(build_example(record, data, tokenizer))
+        except TooLong as exc:
+            too_long.append(Problem(record["source"], "too long", str(exc)))
+    issues.add(too_long)
+    texts = [r for r in records if "text" in r]
+    return examples + (chunk_texts(texts, tokenizer, data.max_length) if texts else [])
 
 
 def length_stats(examples: list[Example]) -> dict[str, Any]:
@@ -150,23 +252,40 @@ def length_stats(examples: list[Example]) -> dict[str, Any]:
     }
 
 
-def run_tokenize(config: Any, tokenized_dir: Path, stats_path: Path) -> dict[str, Any]:
-    """The tokenize stage: every prepared split -> a `datasets` split of input_ids/labels, plus stats."""
+def run_tokenize(config: Any, tokenized_dir: Path, stats_path: Path, report_path: Path, plot_path: Path) -> dict[str, Any]:
+    """The tokenize stage: every prepared split -> a `datasets` split of input_ids/labels, stats and the data report."""
+    import json
+    import os
+
     from datasets import Dataset, DatasetDict
 
+    from .data import SPLITS, Issues
     from .modeling import load_tokenizer
     from .outputs import read_jsonl, write_json
+    from .reporting import write_data_report
 
     data = config.data
     tokenizer = load_tokenizer(config.paths.base_model)
-    splits, stats = {}, {"template": data.template, "max_length": data.max_length, "splits": {}}
-    for name in ("train", "val", "test"):
-        records = read_jsonl(Path(config.paths.prepared) / f"{name}.jsonl")
-        examples = tokenize_records(records, tokenizer, data.template, data.system_prompt, data.max_length, data.train_on_prompt)
+    issues = Issues(data.on_invalid)
+    template = resolve_template(data.template, tokenizer)
+    splits, stats = {}, {"template": template, "max_length": data.max_length, "splits": {}}
+    lengths = {}
+    for name in SPLITS:
+        examples = tokenize_split(read_jsonl(Path(config.paths.prepared) / f"{name}.jsonl"), data, tokenizer, issues)
         splits[name] = Dataset.from_dict(
-            {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
+            {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples],
+             "source": [e.source for e in examples]}  # fmt: skip
         )
         stats["splits"][name] = length_stats(examples)
-    DatasetDict(splits).save_to_disk(str(tokenized_dir))
+        lengths[name] = [len(e.input_ids) for e in examples]
+    stats.update(issues.stats())
+    for name in ("train", "test"):
+        if not lengths[name]:
+            raise TokenizationError(f"the {name} split has no example left after tokenizing: {issues.stats()['dropped']}.")
+    # An empty split cannot be read back from disk (datasets 5.2), so a split without examples is left out.
+    DatasetDict({name: split for name, split in splits.items() if len(split)}).save_to_disk(str(tokenized_dir))
     write_json(stats_path, stats)
+    data_stats = json.loads(Path(config.paths.data_stats).read_text(encoding="utf-8"))
+    plot_link = os.path.relpath(config.paths.length_plot, Path(config.paths.data_report).parent)
+    write_data_report(report_path, plot_path, plot_link, data_stats, stats, lengths)
     return stats

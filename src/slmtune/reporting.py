@@ -1,4 +1,4 @@
-"""The before/after report: every test prompt with base and tuned answers, metrics and lineage."""
+"""The reports: the data report (prepare + tokenize) and the before/after report (evaluate)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config
+from .config import SPLIT_NAMES, Config
 from .lineage import dvc_lock_hashes, read_provenance
 from .outputs import read_jsonl
 from .tracking import mlflow_run
@@ -37,9 +37,8 @@ def answers_section(generations: list[dict[str, Any]]) -> str:
     """Each test prompt with its reference and both answers."""
     parts = []
     for number, row in enumerate(generations, start=1):
-        question = row["instruction"] + (f" — {row['input']}" if row.get("input") else "")
         parts.append(
-            f"### {number}. {question}\n\n"
+            f"### {number}. {row['question']}\n\n"
             f"*source: `{row['source']}`*\n\n"
             f"**Prompt (as the model sees it)**\n\n```text\n{row['prompt'].rstrip()}\n```\n\n"
             f"**Reference**\n\n{_quote(row['reference'])}\n\n"
@@ -73,10 +72,11 @@ def render_report(
     params: dict[str, Any],
 ) -> str:
     """The whole `before_after.md`."""
+    source_list = ", ".join(f"`{source['path']}`" for source in params["data"]["sources"].values())
     return (
         "# Before and after fine-tuning\n\n"
         f"Model `{params['model']['source']}`, method {params['method']['name']} "
-        f"(r={params['method']['r']}), data `{params['data']['path']}`, "
+        f"(r={params['method']['r']}), data {source_list}, "
         f"{metrics['test_examples']} test prompts.\n\n"
         f"## Metrics\n\n{metrics_table(metrics)}\n\n"
         f"## Answers\n\n{answers_section(generations)}\n"
@@ -94,9 +94,80 @@ def run_report(config: Config, report_path: Path) -> None:
     generations = read_jsonl(config.paths.generations)
     provenance = read_provenance(config.paths.adapter)
     paths = config.paths
-    wanted = {config.data.path, paths.base_model, paths.prepared, paths.tokenized, paths.adapter}
+    wanted = {paths.raw_data, paths.base_model, paths.prepared, paths.tokenized, paths.adapter}
     lock_hashes = {path: md5 for path, md5 in dvc_lock_hashes().items() if path in wanted}
     report = render_report(metrics, generations, provenance, lock_hashes, provenance["config"])
     report_path.write_text(report, encoding="utf-8")
     with mlflow_run(config.tracking, run_id=provenance["mlflow"]["run_id"]):
         mlflow.log_artifact(str(report_path), "reports")
+
+
+SKIPPED_LISTED = 100
+"""Skipped rows listed in the data report; data_stats.json and token_stats.json list them all."""
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
+
+
+def render_data_report(data_stats: dict[str, Any], token_stats: dict[str, Any], plot_link: str) -> str:
+    """`data_report.md`: rows per split and source, drops by reason, token lengths and the trained share."""
+    splits = list(SPLIT_NAMES)
+    by_source = data_stats["rows_by_source"]
+    sources = [
+        [f"`{name}`", f"`{info['path']}`", info["kind"], info["rows_read"], *(by_source[s].get(name, 0) for s in splits),
+         info["weight"], info["split"] or "random"]
+        for name, info in data_stats["sources"].items()
+    ]  # fmt: skip
+    lengths = []
+    for name in splits:
+        tok = token_stats["splits"][name]
+        length = tok["length"]
+        lengths.append([name, data_stats["rows"][name], tok["examples"], tok["tokens"], f"{tok['trained_share']:.1%}",
+                        length["min"], length["p50"], length["p90"], length["p95"], length["max"], tok["truncated"]])  # fmt: skip
+    reasons = sorted(set(data_stats["dropped"]) | set(token_stats["dropped"]))
+    dropped = [[reason, data_stats["dropped"].get(reason, 0), token_stats["dropped"].get(reason, 0)] for reason in reasons]
+    skipped = data_stats["skipped"] + token_stats["skipped"]
+    listed = "\n".join(f"- `{row['location']}` ({row['reason']}): {row['message']}" for row in skipped[:SKIPPED_LISTED])
+    if len(skipped) > SKIPPED_LISTED:
+        listed += f"\n- … {len(skipped) - SKIPPED_LISTED} more in reports/data_stats.json and reports/token_stats.json"
+    return (
+        "# Data report\n\n"
+        f"Template `{token_stats['template']}`, max length {token_stats['max_length']} tokens, "
+        f"invalid rows: {data_stats['on_invalid']}, split seed {data_stats['split_seed']}.\n\n"
+        "## Rows per source and split\n\n"
+        + _table(["source", "path", "kind", "rows read", *splits, "weight", "split"], sources)
+        + "\n\nTraining rows are counted after weighting.\n\n## Token lengths per split\n\n"
+        + _table(["split", "rows", "examples", "tokens", "trained share", "min", "p50", "p90", "p95", "max", "truncated"], lengths)
+        + f"\n\n![Token lengths per split]({plot_link})\n\n## Dropped rows\n\n"
+        + (_table(["reason", "prepare", "tokenize"], dropped) + "\n\n" + listed if skipped else "None: every row was used.")
+        + "\n"
+    )
+
+
+def plot_lengths(path: Path, lengths: dict[str, list[int]]) -> None:
+    """Histogram of example lengths (tokens) per split, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    longest = max((max(v) for v in lengths.values() if v), default=1)
+    bins = list(range(0, longest + max(1, longest // 30) + 1, max(1, longest // 30)))
+    for name, values in lengths.items():
+        if values:
+            axes.hist(values, bins=bins, alpha=0.6, label=f"{name} ({len(values)})")
+    axes.set_xlabel("tokens per example")
+    axes.set_ylabel("examples")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    plt.close(figure)
+
+
+def write_data_report(report_path: Path, plot_path: Path, plot_link: str, data_stats: dict[str, Any], token_stats: dict[str, Any], lengths: dict[str, list[int]]) -> None:
+    """Write the data report and its length histogram."""
+    plot_lengths(plot_path, lengths)
+    report_path.write_text(render_data_report(data_stats, token_stats, plot_link), encoding="utf-8")

@@ -6,7 +6,7 @@ import sys
 from typing import Callable
 
 from .config import Config, ConfigError, load_config
-from .data import DataError
+from .formats import DataError
 from .modeling import ModelSourceError
 from .prompting import TokenizationError
 

@@ -34,7 +34,7 @@ def lora_model(model: Any, config: Config) -> Any:
     return get_peft_model(model, lora)
 
 
-def training_arguments(config: Config, output_dir: str) -> Any:
+def training_arguments(config: Config, output_dir: str, has_val: bool = True) -> Any:
     """Trainer arguments from the config: dynamic padding via length-grouped batches, no checkpoints."""
     from transformers import TrainingArguments
 
@@ -52,7 +52,7 @@ def training_arguments(config: Config, output_dir: str) -> Any:
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         train_sampling_strategy="group_by_length",
         logging_steps=train.logging_steps,
-        eval_strategy="steps",
+        eval_strategy="steps" if has_val else "no",
         eval_steps=train.eval_steps,
         save_strategy="no",
         report_to="none",
@@ -92,11 +92,12 @@ def build_trainer(config: Config, model: Any, tokenizer: Any, splits: Any, outpu
     """A Trainer whose batches are padded to their longest example only (never to max_length)."""
     from transformers import Trainer
 
+    has_val = "val" in splits
     return Trainer(
         model=model,
-        args=training_arguments(config, output_dir),
+        args=training_arguments(config, output_dir, has_val),
         train_dataset=splits["train"],
-        eval_dataset=splits["val"] if len(splits["val"]) else None,
+        eval_dataset=splits["val"] if has_val else None,
         data_collator=padding_collator(tokenizer),
         callbacks=callbacks,
     )
@@ -117,10 +118,32 @@ def fit(config: Config, model: Any, tokenizer: Any, splits: Any, step_log: StepL
 
 
 def input_digests(config: Config) -> dict[str, dict[str, str]]:
-    """DVC md5 of every data and model input of the adapter."""
-    paths = {"raw_data": config.data.path, "prepared": config.paths.prepared,
-             "tokenized": config.paths.tokenized, "base_model": config.paths.base_model}  # fmt: skip
+    """DVC md5 of every data and model input of the adapter: each file source, the raw data folder,
+    the prepared and tokenized data and the base model."""
+    paths = {f"source/{name}": source.path for name, source in config.data.sources.items() if source.format != "hub"}
+    paths.update({"raw_data": config.paths.raw_data, "prepared": config.paths.prepared,
+                  "tokenized": config.paths.tokenized, "base_model": config.paths.base_model})  # fmt: skip
     return {name: {"path": path, "md5": dvc_md5(path)} for name, path in paths.items()}
+
+
+def log_data_figures(config: Config) -> None:
+    """The data report's figures as MLflow metrics, with the report and its histogram as artifacts."""
+    import json
+
+    import mlflow
+
+    data_stats = json.loads(Path(config.paths.data_stats).read_text(encoding="utf-8"))
+    token_stats = json.loads(Path(config.paths.token_stats).read_text(encoding="utf-8"))
+    figures = {f"data/rows/{split}": n for split, n in data_stats["rows"].items()}
+    for split, stats in token_stats["splits"].items():
+        figures.update({f"data/examples/{split}": stats["examples"], f"data/tokens/{split}": stats["tokens"],
+                        f"data/trained_share/{split}": stats["trained_share"], f"data/length_p95/{split}": stats["length"]["p95"],
+                        f"data/truncated/{split}": stats["truncated"]})  # fmt: skip
+    for reason, count in (data_stats["dropped"] | token_stats["dropped"]).items():
+        figures[f"data/dropped/{reason.replace(' ', '_')}"] = count
+    mlflow.log_metrics(figures)
+    for path in (config.paths.data_report, config.paths.length_plot, config.paths.data_stats, config.paths.token_stats):
+        mlflow.log_artifact(path, "data")
 
 
 def run_training(config: Config, adapter_dir: Path, train_log: Path) -> dict[str, Any]:
@@ -128,7 +151,7 @@ def run_training(config: Config, adapter_dir: Path, train_log: Path) -> dict[str
     import mlflow
     from datasets import load_from_disk
 
-    splits = load_from_disk(config.paths.tokenized)
+    splits = load_from_disk(config.paths.tokenized).select_columns(["input_ids", "labels"])
     tokenizer = load_tokenizer(config.paths.base_model)
     model = lora_model(load_model(config.paths.base_model, config.model.dtype), config)
     counts = parameter_counts(model)
@@ -144,6 +167,7 @@ def run_training(config: Config, adapter_dir: Path, train_log: Path) -> dict[str
         mlflow.log_metrics({"params/trainable": counts["trainable"], "params/total": counts["total"]})
         for name, entry in digests.items():
             log_dataset(entry["path"], entry["md5"], name=name, context="model" if name == "base_model" else "train")
+        log_data_figures(config)
         step_log = StepLog()
         metrics = fit(config, model, tokenizer, splits, step_log)
         mlflow.log_metrics({k: v for k, v in metrics.items() if k != "steps"})
