@@ -79,3 +79,47 @@ def test_dvc_stage_params_exist_in_params_yaml():
 def test_hydra_composition_is_enabled_for_dvc_experiments():
     text = (REPO / ".dvc" / "config").read_text()
     assert "[hydra]" in text and "enabled = true" in text
+
+
+def with_source(**source):
+    return {"data": {"sources": {"kb": {"path": "data/raw/kb.csv", **source}}}}
+
+
+@pytest.mark.parametrize(
+    "source,message",
+    [
+        ({"path": "elsewhere/kb.csv"}, r"data\.sources\.kb\.path 'elsewhere/kb\.csv' is outside data/raw/"),
+        ({"path": "data/raw/../kb.csv"}, r"is outside data/raw/"),
+        ({"kind": "table"}, r"data\.sources\.kb\.kind must be one of instruction, chat, text, not 'table'"),
+        ({"format": "xlsx"}, r"data\.sources\.kb\.format must be one of"),
+        ({"split": "dev"}, r"data\.sources\.kb\.split must be one of train, val, test"),
+        ({"weight": 0}, r"data\.sources\.kb\.weight must be above 0"),
+        ({"columns": {"question": "q"}}, r"data\.sources\.kb\.columns: unknown field\(s\) question for kind instruction"),
+        ({"kind": "text", "columns": {"output": "o"}}, r"unknown field\(s\) output for kind text; use text, category"),
+        ({"colums": {}}, r"data\.sources\.kb\.colums"),
+    ],
+)
+def test_bad_source_config_is_rejected_naming_the_key(source, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(with_source(**source), "params.yaml")
+
+
+def test_hub_sources_need_no_local_path():
+    config = validate_config(with_source(path="owner/name", format="hub", kind="text"), "params.yaml")
+    assert config.data.sources["kb"].format == "hub"
+
+
+def test_custom_template_needs_a_jinja_template():
+    with pytest.raises(ConfigError, match=r"data\.template=custom needs data\.chat_template"):
+        validate_config({**with_source(), "data": {**with_source()["data"], "template": "custom"}}, "params.yaml")
+
+
+def test_sources_cannot_be_empty():
+    with pytest.raises(ConfigError, match=r"data\.sources is empty"):
+        validate_config({}, "params.yaml")
+
+
+def test_preset_replaces_the_sources_of_the_default(tmp_path):
+    config = compose_params(REPO, tmp_path / "params.yaml", ["data=support_chat"])
+    assert list(config.data.sources) == ["support_chat"] and config.data.max_length == 384
+    assert config.data.on_invalid == "fail", "shared data settings come from config.yaml"

@@ -125,7 +125,7 @@ def _read_jsonl(path: Path, lines: list[str]) -> tuple[list[Row], list[Problem]]
             continue
         location = f"{path}:{number}"
         try:
-            values = json.loads(line)
+            values = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as exc:
             problems.append(Problem(location, "broken JSON", f"{location}: not valid JSON ({exc.msg} at column {exc.colno})."))
             continue
@@ -158,7 +158,8 @@ def _read_json_array(path: Path, raw: bytes) -> list[Row]:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}). Re-save the file as UTF-8.") from None
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
+        hint = " One JSON object per line is JSON Lines: name the file .jsonl or set format: jsonl." if exc.msg == "Extra data" else ""
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}).{hint}") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}; use .jsonl for one object per line.")
     rows = []
