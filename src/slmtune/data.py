@@ -18,7 +18,6 @@ from typing import Any
 from .config import KIND_FIELDS, SPLIT_NAMES, SourceConfig
 from .formats import DataError, Problem, Row, read_source, source_format
 
-SPLITS = SPLIT_NAMES
 ROLE_ALIASES = {
     "system": "system",
     "user": "user",
@@ -234,7 +233,7 @@ def random_split(records: list[dict[str, Any]], val_fraction: float, test_fracti
             f"and data.test_fraction={test_fraction}; lower them or add data."
         )
     parts = {"test": keys[:n_test], "val": keys[n_test : n_test + n_val], "train": keys[n_test + n_val :]}
-    return {name: [r for key in parts[name] for r in groups[key]] for name in SPLITS}
+    return {name: [r for key in parts[name] for r in groups[key]] for name in SPLIT_NAMES}
 
 
 def find_leaks(splits: dict[str, list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[Problem]]:

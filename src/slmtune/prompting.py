@@ -259,7 +259,8 @@ def run_tokenize(config: Any, tokenized_dir: Path, stats_path: Path, report_path
 
     from datasets import Dataset, DatasetDict
 
-    from .data import SPLITS, Issues
+    from .config import SPLIT_NAMES
+    from .data import Issues
     from .modeling import load_tokenizer
     from .outputs import read_jsonl, write_json
     from .reporting import write_data_report
@@ -270,7 +271,7 @@ def run_tokenize(config: Any, tokenized_dir: Path, stats_path: Path, report_path
     template = resolve_template(data.template, tokenizer)
     splits, stats = {}, {"template": template, "max_length": data.max_length, "splits": {}}
     lengths = {}
-    for name in SPLITS:
+    for name in SPLIT_NAMES:
         examples = tokenize_split(read_jsonl(Path(config.paths.prepared) / f"{name}.jsonl"), data, tokenizer, issues)
         splits[name] = Dataset.from_dict(
             {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples],
