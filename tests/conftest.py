@@ -59,8 +59,12 @@ def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedP
     return result
 
 
-def make_project(root: Path, overrides: list[str]) -> Path:
-    """A committed git + DVC copy of the project in `root`, with params.yaml composed from `overrides`."""
+def make_project(root: Path, overrides: list[str], frozen_conf: bool = False) -> Path:
+    """A committed git + DVC copy of the project in `root`, with params.yaml composed from `overrides`.
+
+    `dvc exp run` recomposes conf/, which knows nothing of `overrides`: with `frozen_conf` the composed
+    params.yaml also becomes conf/config.yaml, so that experiments start from the same settings.
+    """
     for name in PROJECT_FILES:
         source, target = REPO / name, root / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +73,8 @@ def make_project(root: Path, overrides: list[str]) -> Path:
         else:
             shutil.copy2(source, target)
     compose_params(root, root / "params.yaml", overrides)
+    if frozen_conf:
+        (root / "conf/config.yaml").write_text((root / "params.yaml").read_text())
     run(["git", "init", "-q"], root)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], root)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project copy"], root)

@@ -3,8 +3,8 @@ import os
 import pytest
 import yaml
 
-from conftest import run
-from slmtune.lineage import dvc_md5, git_state, project_root
+from conftest import REPO, run
+from slmtune.lineage import check_lineage, dvc_md5, git_state, project_root, stage_code_deps
 from slmtune.outputs import staged_outputs
 
 
@@ -69,3 +69,39 @@ def test_staged_outputs_require_every_declared_output(tmp_path):
         with staged_outputs(tmp_path / "a", tmp_path / "b") as (a, b):
             a.write_text("only one")
     assert os.listdir(tmp_path) == []
+
+
+def _provenance(tmp_path, config):
+    (tmp_path / "data.csv").write_text("q,a\nhi,there\n")
+    (tmp_path / "code.py").write_text("print(1)\n")
+    return {
+        "inputs": {"source/kb": {"path": "data.csv", "md5": dvc_md5(tmp_path / "data.csv")},
+                   "source/hub": {"path": "org/set", "md5": None, "revision": "abc"}},
+        "code": {"code.py": dvc_md5(tmp_path / "code.py")},
+        "config": config,
+    }  # fmt: skip
+
+
+def test_lineage_matches_then_flags_a_changed_byte_a_changed_param_and_a_missing_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = {"model": {"source": "m"}, "data": {}, "method": {"r": 8}, "train": {"learning_rate": 0.001}, "eval": {"batch_size": 8}}
+    provenance = _provenance(tmp_path, config)
+    status = {row["name"]: row["status"] for row in check_lineage(provenance, config)}
+    assert status == {"source/kb": "MATCH", "source/hub": "UNHASHED", "code.py": "MATCH", "model.source": "MATCH",
+                      "method.r": "MATCH", "train.learning_rate": "MATCH"}  # fmt: skip
+
+    (tmp_path / "data.csv").write_text("q,a\nhi,therE\n")
+    changed = config | {"method": {"r": 16}, "eval": {"batch_size": 1}}  # evaluation settings do not shape the adapter
+    rows = {row["name"]: row for row in check_lineage(provenance, changed)}
+    assert rows["source/kb"]["status"] == "MISMATCH" and rows["method.r"]["status"] == "MISMATCH"
+    assert (rows["method.r"]["recorded"], rows["method.r"]["current"]) == (8, 16)
+    assert rows["code.py"]["status"] == "MATCH" and "eval.batch_size" not in rows
+
+    (tmp_path / "code.py").unlink()
+    assert {row["name"]: row["status"] for row in check_lineage(provenance, None)}["code.py"] == "MISSING"
+
+
+def test_train_stage_code_deps_come_from_dvc_yaml():
+    deps = stage_code_deps("train", REPO / "dvc.yaml")
+    assert "stages/train.py" in deps and "src/slmtune/training.py" in deps
+    assert not any("$" in dep for dep in deps)

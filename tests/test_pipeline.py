@@ -41,7 +41,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_project: Path):
         if entry["path"] in lock:
             assert lock[entry["path"]] == entry["md5"], entry["path"]
             assert entry["md5"] in report
-    assert {"raw_data", "prepared", "tokenized", "base_model"} <= set(provenance["inputs"])
+    assert {"prepared", "tokenized", "base_model"} <= set(provenance["inputs"])
+    assert set(provenance["code"]) == {"stages/train.py", "src/slmtune/training.py", "src/slmtune/modeling.py", "src/slmtune/lineage.py", "src/slmtune/tracking.py"}
     head = run(["git", "rev-parse", "HEAD"], tiny_project).stdout.strip()
     assert provenance["git"]["commit"] == head and head in report
 

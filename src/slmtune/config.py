@@ -54,6 +54,10 @@ class PathsConfig:
     """Base and tuned answers to every test prompt."""
     report: str = "reports/before_after.md"
     """The human-readable before/after report."""
+    sweep_report: str = "reports/sweep.md"
+    """Ranked table of the last `slmtune sweep` (written by that command, not by a stage)."""
+    sweep_plot: str = "reports/sweep.png"
+    """The sweep's metric against each swept parameter."""
 
 
 @dataclass

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from .config import Config
+from .config import Config, config_to_dict
 from .lineage import read_provenance
 from .outputs import read_jsonl, write_json, write_jsonl
 from .prompting import IGNORE_INDEX, generation_prompt, padding_collator
-from .tracking import mlflow_run
+from .tracking import evaluation_run
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 TEXT_METRICS = ("rouge_l", "contains_match")
@@ -136,15 +136,18 @@ def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[s
 
 
 def run_evaluation(config: Config, metrics_path: Path, generations_path: Path) -> dict[str, Any]:
-    """The evaluate stage: score both models, write metrics and generations, log them to the pipeline's run."""
+    """The evaluate stage: score both models, log them to this execution's MLflow run, write metrics
+    (with that run's id, so that `dvc exp show` links each experiment to its run) and generations."""
     import mlflow
 
     metrics, generations = evaluate_base_and_tuned(config)
-    write_json(metrics_path, metrics)
-    write_jsonl(generations_path, generations)
-    with mlflow_run(config.tracking, run_id=read_provenance(config.paths.adapter)["mlflow"]["run_id"]):
+    adapter_run_id = read_provenance(config.paths.adapter)["mlflow"]["run_id"]
+    with evaluation_run(config.tracking, adapter_run_id, config_to_dict(config)) as run:
         for model_name in ("base", "tuned"):
             mlflow.log_metrics({f"test/{model_name}/{k}": v for k, v in metrics[model_name].items()})
+        metrics["mlflow_run_id"] = run.info.run_id
+        write_json(metrics_path, metrics)
+        write_jsonl(generations_path, generations)
         mlflow.log_artifact(str(metrics_path), "reports")
         mlflow.log_artifact(str(generations_path), "reports")
     return metrics

@@ -44,10 +44,14 @@ def _git(args: list[str], cwd: str | Path) -> str | None:
 
 
 def git_state(cwd: str | Path = ".") -> dict[str, Any]:
-    """HEAD commit and whether tracked files differ from it (None outside a git repository)."""
+    """HEAD commit, whether tracked files differ from it and which (None outside a git repository).
+
+    In a DVC experiment the tree is dirty by design: `params.yaml` (and `dvc.lock`) carry its changes.
+    """
     commit = _git(["rev-parse", "HEAD"], cwd)
     status = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    files = sorted(line[3:] for line in status.splitlines()) if status else []
+    return {"commit": commit, "dirty": bool(status) if status is not None else None, "dirty_files": files}
 
 
 def file_md5(path: str | Path) -> str:
@@ -109,3 +113,122 @@ def read_provenance(adapter_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no provenance; was this adapter made by the train stage?")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def stage_code_deps(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
+    """The code files and folders a stage depends on, as `dvc.yaml` lists them (data paths are `${...}`)."""
+    spec = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8"))
+    deps = spec["stages"][stage].get("deps") or []
+    return [dep for dep in deps if "${" not in dep]
+
+
+def code_digests(stage: str = "train", dvc_yaml: str | Path = "dvc.yaml") -> dict[str, str]:
+    """md5 of each code dependency of `stage`: what DVC compares to decide whether it reruns."""
+    return {path: dvc_md5(path) for path in stage_code_deps(stage, dvc_yaml)}
+
+
+ADAPTER_CONFIG_SECTIONS = ("model", "data", "method", "train")
+"""The parts of the configuration that shape an adapter (paths, evaluation and tracking do not)."""
+
+
+def check_lineage(provenance: dict[str, Any], current_config: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Re-hash the adapter's recorded inputs and code, compare its config with the current one.
+
+    Returns one row per check: kind (input, code, param), name, recorded and current value, and a
+    status: MATCH, MISMATCH, MISSING (the input is gone) or UNHASHED (a hub dataset: pinned revision only).
+    """
+    rows = []
+    for name, entry in provenance["inputs"].items():
+        if entry.get("md5") is None:
+            rows.append({"kind": "input", "name": name, "recorded": entry.get("revision"), "current": None, "status": "UNHASHED"})
+            continue
+        current = dvc_md5(entry["path"]) if Path(entry["path"]).exists() else None
+        rows.append(_compared("input", name, entry["md5"], current))
+    for path, recorded in provenance.get("code", {}).items():
+        rows.append(_compared("code", path, recorded, dvc_md5(path) if Path(path).exists() else None))
+    if current_config is not None:
+        recorded_flat = flatten_sections(provenance["config"])
+        current_flat = flatten_sections(current_config)
+        for key in sorted(set(recorded_flat) | set(current_flat)):
+            rows.append(_compared("param", key, recorded_flat.get(key), current_flat.get(key), missing_is_mismatch=True))
+    return rows
+
+
+def flatten_sections(config: dict[str, Any], sections: tuple[str, ...] = ADAPTER_CONFIG_SECTIONS) -> dict[str, Any]:
+    """`section.key.sub` -> value for the adapter-shaping sections of a resolved config."""
+    from .config import flatten
+
+    return flatten({name: config.get(name) for name in sections})
+
+
+def _compared(kind: str, name: str, recorded: Any, current: Any, missing_is_mismatch: bool = False) -> dict[str, Any]:
+    if current is None and not missing_is_mismatch:
+        status = "MISSING"
+    else:
+        status = "MATCH" if recorded == current else "MISMATCH"
+    return {"kind": kind, "name": name, "recorded": recorded, "current": current, "status": status}
+
+
+def model_card(provenance: dict[str, Any]) -> str:
+    """The adapter's `README.md`: what it is, what it was made from, how it scored, how to verify it."""
+    config, git, run = provenance["config"], provenance["git"], provenance["mlflow"]
+    method, model = config["method"], config["model"]
+    dirty = f" (uncommitted changes: {', '.join(git['dirty_files'])})" if git.get("dirty") else ""
+    exp = provenance.get("dvc", {})
+    inputs = "\n".join(
+        f"| {name} | `{entry['path']}` | `{entry['md5'] or 'revision ' + str(entry.get('revision'))}` |"
+        for name, entry in provenance["inputs"].items()
+    )
+    code = "\n".join(f"| `{path}` | `{md5}` |" for path, md5 in provenance.get("code", {}).items())
+    metrics = "\n".join(f"| {name} | {value:.4f} |" for name, value in sorted(provenance["metrics"].items()))
+    counts = provenance["parameters"]
+    versions = ", ".join(f"{name} {version}" for name, version in provenance["packages"].items())
+    return f"""---
+library_name: peft
+base_model: {model['source']}
+tags: [slmtune, {method['name']}]
+---
+
+# {method['name'].upper()} adapter for `{model['source']}`
+
+Made by the slmtune `train` stage: {method['name']} r={method['r']}, alpha={method['alpha']}, \
+learning rate {config['train']['learning_rate']}, seed {config['train']['seed']}; \
+{counts['trainable']:,} trainable of {counts['total']:,} parameters.
+
+- MLflow run: `{run['run_id']}` (experiment {run['experiment_id']})
+- DVC experiment: `{exp.get('exp_name', 'workspace')}`, baseline `{exp.get('baseline_rev', 'unknown')}`
+- Git commit: `{git.get('commit') or 'unknown'}`{dirty}
+
+## Training metrics
+
+| metric | value |
+|---|---:|
+{metrics}
+
+Test-split metrics (base vs tuned) are in `reports/metrics.json` and the MLflow run.
+
+## Inputs (DVC md5)
+
+| input | path | md5 |
+|---|---|---|
+{inputs}
+
+## Code (md5)
+
+| file | md5 |
+|---|---|
+{code}
+
+Packages: {versions}. The full resolved configuration is in `provenance.json`.
+
+## Verify and use
+
+`slmtune lineage {config['paths']['adapter']}` re-hashes the inputs and code above and \
+compares the configuration with `params.yaml` (non-zero exit on any mismatch).
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{config['paths']['base_model']}"), "{config['paths']['adapter']}")
+```
+"""

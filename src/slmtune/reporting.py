@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import yaml
 
 from .config import SPLIT_NAMES, Config
 from .lineage import dvc_lock_hashes, read_provenance
-from .outputs import read_jsonl
+from .outputs import read_jsonl, staged_outputs
 from .tracking import mlflow_run
 
 METRIC_ROWS = (
@@ -48,12 +49,14 @@ def answers_section(generations: list[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
-def lineage_section(provenance: dict[str, Any], lock_hashes: dict[str, str], params: dict[str, Any]) -> str:
-    """Run id, commit, DVC md5s of data and models, and the resolved parameters."""
-    git = provenance["git"]
+def lineage_section(provenance: dict[str, Any], eval_run_id: str, lock_hashes: dict[str, str], params: dict[str, Any]) -> str:
+    """Run ids, DVC experiment, commit, DVC md5s of data and models, and the resolved parameters."""
+    git, exp = provenance["git"], provenance.get("dvc", {})
     dirty = " (uncommitted changes)" if git.get("dirty") else ""
     lines = [
-        f"- MLflow run: `{provenance['mlflow']['run_id']}` (experiment {provenance['mlflow']['experiment_id']})",
+        f"- MLflow run: `{provenance['mlflow']['run_id']}` (experiment {provenance['mlflow']['experiment_id']})"
+        + (f", evaluation run `{eval_run_id}`" if eval_run_id != provenance["mlflow"]["run_id"] else ""),
+        f"- DVC experiment: `{exp.get('exp_name', 'unknown')}`, baseline `{exp.get('baseline_rev', 'unknown')}`",
         f"- Git commit: `{git.get('commit') or 'unknown'}`{dirty}",
         "",
         "| artifact | DVC md5 (dvc.lock) |",
@@ -80,7 +83,7 @@ def render_report(
         f"{metrics['test_examples']} test prompts.\n\n"
         f"## Metrics\n\n{metrics_table(metrics)}\n\n"
         f"## Answers\n\n{answers_section(generations)}\n"
-        f"## Lineage\n\n{lineage_section(provenance, lock_hashes, params)}\n"
+        f"## Lineage\n\n{lineage_section(provenance, metrics['mlflow_run_id'], lock_hashes, params)}\n"
     )
 
 
@@ -98,7 +101,7 @@ def run_report(config: Config, report_path: Path) -> None:
     lock_hashes = {path: md5 for path, md5 in dvc_lock_hashes().items() if path in wanted}
     report = render_report(metrics, generations, provenance, lock_hashes, provenance["config"])
     report_path.write_text(report, encoding="utf-8")
-    with mlflow_run(config.tracking, run_id=provenance["mlflow"]["run_id"]):
+    with mlflow_run(config.tracking, run_id=metrics["mlflow_run_id"]):
         mlflow.log_artifact(str(report_path), "reports")
 
 
@@ -171,3 +174,97 @@ def write_data_report(report_path: Path, plot_path: Path, plot_link: str, data_s
     """Write the data report and its length histogram."""
     plot_lengths(plot_path, lengths)
     report_path.write_text(render_data_report(data_stats, token_stats, plot_link), encoding="utf-8")
+
+
+SWEEP_METRICS = ("tuned.loss", "tuned.perplexity", "tuned.rougeL", "tuned.contains")
+
+
+def rank_experiments(rows: dict[str, dict[str, Any]], metric: str, order: str) -> list[str]:
+    """Experiment names, best first by `metric` (min or max); experiments without it go last."""
+    def key(name: str) -> tuple[bool, float]:
+        value = rows[name].get(metric)
+        if not isinstance(value, (int, float)):
+            return (True, 0.0)
+        return (False, value if order == "min" else -value)
+
+    return sorted(rows, key=key)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def render_sweep_report(rows: dict[str, dict[str, Any]], states: dict[str, str], children: dict[str, str],
+                        swept: list[str], metric: str, order: str, parent_id: str, plot_link: str) -> str:  # fmt: skip
+    """`sweep.md`: params x metrics sorted by the chosen metric, the best configuration, failures, plot."""
+    ranked = rank_experiments(rows, metric, order)
+    metrics = [metric] + [m for m in SWEEP_METRICS if m != metric]
+    header = ["rank", "experiment", *swept, *metrics, "MLflow run"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if h == "rank" else "---" for h in header) + "|"]
+    for rank, name in enumerate(ranked, start=1):
+        row = rows[name]
+        cells = [str(rank), f"`{name}`", *(_cell(row.get(k)) for k in swept), *(_cell(row.get(m)) for m in metrics), f"`{children.get(name, '')}`"]
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = sorted(name for name, state in states.items() if state != "Success")
+    best = ranked[0] if ranked else None
+    parts = [
+        "# Sweep\n",
+        f"{len(states)} experiments over {', '.join(f'`{k}`' for k in swept) or 'no swept key'}, ranked by "
+        f"`{metric}` ({'lower' if order == 'min' else 'higher'} is better). MLflow parent run `{parent_id}`.\n",
+        "\n".join(lines) + "\n",
+    ]
+    if best:
+        settings = ", ".join(f"`{k}={_cell(rows[best].get(k))}`" for k in swept)
+        parts.append(
+            f"## Best configuration\n\n`{best}`: {settings}, `{metric}` = {_cell(rows[best].get(metric))}.\n\n"
+            f"Bring it into the workspace with `dvc exp apply {best}` (its params, dvc.lock and outputs), "
+            "then commit.\n"
+        )
+    if failed:
+        parts.append("## Failed\n\n" + "\n".join(f"- `{name}`: see `dvc queue logs {name}`" for name in failed) + "\n")
+    parts.append(f"## `{metric}` against each swept parameter\n\n![{metric} per swept parameter]({plot_link})\n")
+    return "\n".join(parts)
+
+
+def plot_sweep(path: Path, rows: dict[str, dict[str, Any]], swept: list[str], metric: str) -> None:
+    """One panel per swept parameter: the metric against its values, a line per setting of the others."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    panels = swept or ["experiment"]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for axis, key in zip(axes[0], panels):
+        others = [k for k in swept if k != key]
+        lines: dict[str, list[tuple[Any, float]]] = {}
+        for name, row in rows.items():
+            if isinstance(row.get(metric), (int, float)):
+                label = ", ".join(f"{k}={_cell(row.get(k))}" for k in others) or metric
+                lines.setdefault(label, []).append((row.get(key, name), float(row[metric])))
+        for label, points in sorted(lines.items()):
+            points.sort(key=lambda p: (isinstance(p[0], str), p[0]))
+            axis.plot([str(x) if isinstance(x, str) else x for x, _ in points], [y for _, y in points], marker="o", label=label)
+        numeric = [x for pts in lines.values() for x, _ in pts if isinstance(x, (int, float))]
+        if numeric and min(numeric) > 0 and max(numeric) / min(numeric) >= 10:
+            axis.set_xscale("log")
+        axis.set_xlabel(key)
+        axis.set_ylabel(metric)
+        if len(lines) > 1:
+            axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    plt.close(figure)
+
+
+def write_sweep_report(config: Config, rows: dict[str, dict[str, Any]], states: dict[str, str], children: dict[str, str],
+                       swept: list[str], metric: str, order: str, parent_id: str) -> dict[str, Any]:  # fmt: skip
+    """Write `sweep.md` and its plot; return the best experiment's name and metric value."""
+    link = os.path.relpath(config.paths.sweep_plot, Path(config.paths.sweep_report).parent)
+    with staged_outputs(config.paths.sweep_report, config.paths.sweep_plot) as (report_path, plot_path):
+        plot_sweep(plot_path, rows, swept, metric)
+        report = render_sweep_report(rows, states, children, swept, metric, order, parent_id, link)
+        report_path.write_text(report, encoding="utf-8")
+    ranked = rank_experiments(rows, metric, order)
+    best = ranked[0] if ranked and isinstance(rows[ranked[0]].get(metric), (int, float)) else None
+    return {"best": best, "best_value": float(rows[best][metric]) if best else None}

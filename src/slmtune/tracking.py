@@ -1,52 +1,158 @@
-"""MLflow tracking: one run per pipeline execution, opened by `train`, resumed by later stages."""
+"""MLflow tracking: one run per pipeline execution, tagged with its DVC experiment.
+
+`train` opens the run (or resumes the one a sweep scheduled for its experiment); `evaluate` logs into
+that run when it belongs to the same execution, otherwise into a run of its own linked to the
+adapter's run; `report` follows `evaluate`. The embedded store is a SQLite file at the real project
+root, shared safely by parallel DVC queue workers (a file lock around its creation, a busy timeout).
+"""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import os
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
 from .config import TrackingConfig, flatten
-from .lineage import project_root
+from .lineage import git_state, project_root
 
 MLFLOW_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+STORE_LOCK = "mlflow.db.lock"
+SQLITE_TIMEOUT_S = 120
+"""How long a writer waits for another process's SQLite write lock (parallel sweep workers)."""
 MAX_PARAM_LENGTH = 6000
+WORKSPACE = "workspace"
+
+EXP_NAME_TAG = "dvc.exp_name"
+BASELINE_TAG = "dvc.baseline_rev"
+PARENT_TAG = "mlflow.parentRunId"
+ADAPTER_RUN_TAG = "slmtune.adapter_run_id"
+SWEEP_TAG = "slmtune.sweep"
+REPRODUCES_TAG = "slmtune.reproduces"
+EVALUATED_METRIC = "test/tuned/loss"
 
 
 def tracking_uri(tracking: TrackingConfig, root: Path | None = None) -> str:
     """The configured URI, or a SQLite file at the real project root (also from `dvc exp` temp dirs)."""
     if tracking.tracking_uri:
         return tracking.tracking_uri
-    return f"sqlite:///{(root or project_root()) / MLFLOW_DB}"
+    return f"sqlite:///{(root or project_root()) / MLFLOW_DB}?timeout={SQLITE_TIMEOUT_S}"
 
 
-def _experiment_id(tracking: TrackingConfig, root: Path | None) -> str:
-    import mlflow
+def experiment_tags() -> dict[str, str]:
+    """The DVC experiment this process runs in (`workspace` for plain `dvc repro`) and its baseline commit."""
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV") or git_state(project_root())["commit"] or "unknown"
+    tags = {EXP_NAME_TAG: os.environ.get("DVC_EXP_NAME") or WORKSPACE, BASELINE_TAG: baseline}
+    if os.environ.get("SLMTUNE_REPRODUCES"):
+        tags[REPRODUCES_TAG] = os.environ["SLMTUNE_REPRODUCES"]  # set by `slmtune reproduce --run`
+    return tags
 
-    experiment = mlflow.get_experiment_by_name(tracking.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None if tracking.tracking_uri else ((root or project_root()) / ARTIFACTS_DIR).as_uri()
-    return mlflow.create_experiment(tracking.experiment, artifact_location=location)
+
+def store_lock(tracking: TrackingConfig) -> Any:
+    """A file lock beside the embedded SQLite store (no-op for a tracking server).
+
+    MLflow creates its schema, experiments and dataset records by check-then-insert: two processes
+    doing it at once fail (`duplicate column name`, `UNIQUE constraint failed`), so they take turns.
+    """
+    from filelock import FileLock
+
+    return nullcontext() if tracking.tracking_uri else FileLock(str(project_root() / STORE_LOCK))
 
 
-@contextmanager
-def mlflow_run(
-    tracking: TrackingConfig, run_id: str | None = None, run_name: str | None = None, system_metrics: bool = False
-) -> Iterator[Any]:
-    """Open a new run (or resume `run_id`); the run is closed, as FAILED on error, whatever happens."""
+def open_store(tracking: TrackingConfig) -> str:
+    """Point MLflow at the store and return the experiment id, creating both if needed."""
     import mlflow
 
     root = project_root()
     mlflow.set_tracking_uri(tracking_uri(tracking, root))
-    experiment_id = None if run_id else _experiment_id(tracking, root)
+    with store_lock(tracking):
+        experiment = mlflow.get_experiment_by_name(tracking.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None if tracking.tracking_uri else (root / ARTIFACTS_DIR).as_uri()
+        return mlflow.create_experiment(tracking.experiment, artifact_location=location)
+
+
+def scheduled_run_id(experiment_id: str, tags: dict[str, str]) -> str | None:
+    """The run a sweep created ahead for this DVC experiment and that no stage has started yet."""
+    from mlflow.tracking import MlflowClient
+
+    if tags[EXP_NAME_TAG] == WORKSPACE:
+        return None
+    query = (f"tags.`{EXP_NAME_TAG}` = '{tags[EXP_NAME_TAG]}' and tags.`{BASELINE_TAG}` = '{tags[BASELINE_TAG]}' "
+             "and attributes.status = 'SCHEDULED'")  # fmt: skip
+    runs = MlflowClient().search_runs([experiment_id], filter_string=query, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def awaits_evaluation(run_id: str) -> bool:
+    """Whether this train run is in the store and `evaluate` has not logged into it yet.
+
+    A run restored with its adapter from DVC's cache was evaluated already, or lives in another store.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return EVALUATED_METRIC not in MlflowClient().get_run(run_id).data.metrics
+    except MlflowException:
+        return False
+
+
+@contextmanager
+def mlflow_run(
+    tracking: TrackingConfig,
+    run_id: str | None = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    system_metrics: bool = False,
+) -> Iterator[Any]:
+    """Open a new run (or resume `run_id`); the run is closed, as FAILED on error, whatever happens."""
+    import mlflow
+
+    experiment_id = open_store(tracking)
     with mlflow.start_run(
         run_id=run_id,
-        experiment_id=experiment_id,
-        run_name=run_name,
+        experiment_id=None if run_id else experiment_id,
+        run_name=None if run_id else run_name,
+        tags=tags,
         log_system_metrics=system_metrics and tracking.log_system_metrics,
     ) as run:
+        yield run
+
+
+@contextmanager
+def pipeline_run(tracking: TrackingConfig, stage: str, system_metrics: bool = False) -> Iterator[Any]:
+    """The run of this pipeline execution for `train`: the sweep's scheduled run, else a new one."""
+    tags = experiment_tags()
+    run_id = scheduled_run_id(open_store(tracking), tags)
+    name = tags[EXP_NAME_TAG] if tags[EXP_NAME_TAG] != WORKSPACE else "pipeline"
+    with mlflow_run(tracking, run_id=run_id, run_name=name, tags=tags | {"slmtune.stage": stage}, system_metrics=system_metrics) as run:
+        yield run
+
+
+@contextmanager
+def evaluation_run(tracking: TrackingConfig, adapter_run_id: str, config: dict[str, Any]) -> Iterator[Any]:
+    """The run `evaluate` logs into.
+
+    The adapter's run when training happened in this same execution (it has no test metrics yet);
+    otherwise (train was restored from the cache) the sweep's scheduled run or a new run, tagged with
+    the adapter's run id and given the full config so that it compares with the rest.
+    """
+    import mlflow
+
+    tags = experiment_tags()
+    experiment_id = open_store(tracking)
+    if awaits_evaluation(adapter_run_id):
+        with mlflow_run(tracking, run_id=adapter_run_id) as run:
+            yield run
+        return
+    run_id = scheduled_run_id(experiment_id, tags)
+    name = tags[EXP_NAME_TAG] if tags[EXP_NAME_TAG] != WORKSPACE else "evaluate"
+    with mlflow_run(tracking, run_id=run_id, run_name=name, tags=tags | {ADAPTER_RUN_TAG: adapter_run_id}) as run:
+        log_flat_params(config)
+        mlflow.log_dict(config, "config/resolved.yaml")
         yield run
 
 
@@ -58,11 +164,15 @@ def log_flat_params(config: dict[str, Any]) -> None:
     mlflow.log_params(params)
 
 
-def log_dataset(path: str | Path, digest: str, name: str, context: str) -> None:
-    """Record a dataset input with its DVC md5 as the digest."""
+def log_datasets(tracking: TrackingConfig, digests: dict[str, dict[str, Any]]) -> None:
+    """Record each data and model input with its DVC md5 (a hub dataset: its revision) as the digest."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    source = resolve_dataset_source(str(Path(path).resolve()))
-    mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context=context)
+    with store_lock(tracking):
+        for name, entry in digests.items():
+            source = resolve_dataset_source(str(Path(entry["path"]).resolve()))
+            digest = entry["md5"] or f"revision:{entry['revision']}"
+            context = "model" if name == "base_model" else "train"
+            mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context=context)

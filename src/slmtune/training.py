@@ -10,11 +10,11 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .config import Config, config_to_dict
-from .lineage import PROVENANCE_FILE, dvc_md5, git_state, package_versions
+from .lineage import PROVENANCE_FILE, code_digests, dvc_md5, git_state, model_card, package_versions
 from .modeling import default_target_modules, load_model, load_tokenizer, parameter_counts
 from .outputs import write_json
 from .prompting import padding_collator
-from .tracking import log_dataset, log_flat_params, mlflow_run
+from .tracking import BASELINE_TAG, EXP_NAME_TAG, experiment_tags, log_datasets, log_flat_params, pipeline_run
 
 def lora_model(model: Any, config: Config) -> Any:
     """Wrap `model` with trainable LoRA adapters as configured; their initialisation is seeded."""
@@ -117,13 +117,32 @@ def fit(config: Config, model: Any, tokenizer: Any, splits: Any, step_log: StepL
     return metrics
 
 
-def input_digests(config: Config) -> dict[str, dict[str, str]]:
-    """DVC md5 of every data and model input of the adapter: each file source, the raw data folder,
-    the prepared and tokenized data and the base model."""
-    paths = {f"source/{name}": source.path for name, source in config.data.sources.items() if source.format != "hub"}
-    paths.update({"raw_data": config.paths.raw_data, "prepared": config.paths.prepared,
-                  "tokenized": config.paths.tokenized, "base_model": config.paths.base_model})  # fmt: skip
-    return {name: {"path": path, "md5": dvc_md5(path)} for name, path in paths.items()}
+def input_digests(config: Config) -> dict[str, dict[str, Any]]:
+    """DVC md5 of every data and model input of the adapter: each data source, the prepared and
+    tokenized data and the base model. Hub datasets cannot be hashed: their pinned revision stands in."""
+    digests: dict[str, dict[str, Any]] = {}
+    for name, source in config.data.sources.items():
+        if source.format == "hub":
+            digests[f"source/{name}"] = {"path": source.path, "md5": None, "revision": source.revision}
+        else:
+            digests[f"source/{name}"] = {"path": source.path, "md5": dvc_md5(source.path)}
+    for name in ("prepared", "tokenized", "base_model"):
+        path = getattr(config.paths, name)
+        digests[name] = {"path": path, "md5": dvc_md5(path)}
+    return digests
+
+
+def save_adapter(model: Any, adapter_dir: Path) -> None:
+    """peft's adapter files, with `target_modules` in a fixed order (peft keeps a set, whose order
+    follows the hash seed) so that the same training gives the same bytes."""
+    import json
+
+    model.save_pretrained(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(adapter_config.get("target_modules"), list):
+        adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+    write_json(config_path, adapter_config)
 
 
 def log_data_figures(config: Config) -> None:
@@ -146,8 +165,32 @@ def log_data_figures(config: Config) -> None:
         mlflow.log_artifact(path, "data")
 
 
+def log_run_inputs(config: Config, counts: dict[str, int]) -> dict[str, Any]:
+    """Params, resolved config, git state, parameter counts, dataset digests and data figures of the
+    active run; returns the provenance entries they came from (config, git, inputs, code)."""
+    import mlflow
+
+    resolved = config_to_dict(config)
+    git = git_state()
+    digests = input_digests(config)
+    log_flat_params(resolved)
+    mlflow.log_dict(resolved, "config/resolved.yaml")
+    mlflow.set_tags({"mlflow.source.git.commit": git["commit"] or "unknown", "git_dirty": str(git["dirty"])})
+    mlflow.log_metrics({"params/trainable": counts["trainable"], "params/total": counts["total"]})
+    log_datasets(config.tracking, digests)
+    log_data_figures(config)
+    tags = experiment_tags()
+    return {
+        "git": git,
+        "dvc": {"exp_name": tags[EXP_NAME_TAG], "baseline_rev": tags[BASELINE_TAG]},
+        "inputs": digests,
+        "code": code_digests("train"),
+        "config": resolved,
+    }
+
+
 def run_training(config: Config, adapter_dir: Path, train_log: Path) -> dict[str, Any]:
-    """The train stage: open the MLflow run, fine-tune, write adapter + provenance + loss log."""
+    """The train stage: open the MLflow run, fine-tune, write adapter + provenance + model card + loss log."""
     import mlflow
     from datasets import load_from_disk
 
@@ -157,26 +200,14 @@ def run_training(config: Config, adapter_dir: Path, train_log: Path) -> dict[str
     counts = parameter_counts(model)
     print(f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} "
           f"|| trainable%: {100 * counts['trainable'] / counts['total']:.4f}")  # fmt: skip
-    resolved = config_to_dict(config)
-    digests = input_digests(config)
-    git = git_state()
-    with mlflow_run(config.tracking, run_name="pipeline", system_metrics=True) as run:
-        log_flat_params(resolved)
-        mlflow.log_dict(resolved, "config/resolved.yaml")
-        mlflow.set_tags({"mlflow.source.git.commit": git["commit"] or "unknown", "git_dirty": str(git["dirty"])})
-        mlflow.log_metrics({"params/trainable": counts["trainable"], "params/total": counts["total"]})
-        for name, entry in digests.items():
-            log_dataset(entry["path"], entry["md5"], name=name, context="model" if name == "base_model" else "train")
-        log_data_figures(config)
+    with pipeline_run(config.tracking, "train", system_metrics=True) as run:
+        provenance = log_run_inputs(config, counts)
         step_log = StepLog()
         metrics = fit(config, model, tokenizer, splits, step_log)
         mlflow.log_metrics({k: v for k, v in metrics.items() if k != "steps"})
-        model.save_pretrained(adapter_dir)
+        save_adapter(model, adapter_dir)
         step_log.write_csv(train_log)
-        provenance = {
-            "git": git,
-            "inputs": digests,
-            "config": resolved,
+        provenance |= {
             "packages": package_versions(),
             "mlflow": {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                        "tracking_uri": mlflow.get_tracking_uri()},
@@ -184,6 +215,7 @@ def run_training(config: Config, adapter_dir: Path, train_log: Path) -> dict[str
             "metrics": metrics,
         }  # fmt: skip
         write_json(adapter_dir / PROVENANCE_FILE, provenance)
+        (adapter_dir / "README.md").write_text(model_card(provenance), encoding="utf-8")
         mlflow.log_artifacts(str(adapter_dir), "adapter")
         mlflow.log_artifact(str(train_log), "reports")
     return provenance

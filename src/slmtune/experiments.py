@@ -1,0 +1,316 @@
+"""DVC experiments driven from one command: sweeps with MLflow parent/child runs, and reproductions.
+
+A sweep is DVC's own machinery: `dvc exp run --queue -S ...` stashes one experiment per grid point,
+`dvc queue start -j N` runs them in temporary workspaces. This module adds what DVC does not: the
+shared upstream stages run once first, an MLflow parent run holds one scheduled child run per
+experiment (the train stage of that experiment resumes it), and a ranked report at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import Config, compose_params, load_config
+from .lineage import file_md5, git_state
+from .tracking import ADAPTER_RUN_TAG, BASELINE_TAG, EXP_NAME_TAG, PARENT_TAG, SWEEP_TAG, open_store, tracking_uri
+
+UPSTREAM_TARGET = "tokenize"
+"""Running this stage (and so everything before it) in the workspace first lets every experiment of a
+sweep reuse base, prepare and tokenize from the DVC cache instead of computing them in parallel."""
+DONE = ("Success", "Failed")
+POLL_S = 3.0
+METRICS_TOLERANCE = 1e-6
+
+
+class ExperimentError(RuntimeError):
+    """A sweep or reproduction that cannot go on, worded for the person who has to fix it."""
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None, capture: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=capture, text=True)
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout or "").strip().splitlines()
+        raise ExperimentError(f"`{' '.join(args)}` failed: {detail[-1] if detail else 'exit ' + str(result.returncode)}")
+    return result
+
+
+def sweep_points(overrides: list[str]) -> list[list[str]]:
+    """Every grid point of Hydra sweep overrides (`a=1,2 b=x` -> `[a=1 b=x], [a=2 b=x]`), as DVC expands them."""
+    from dvc.utils.hydra import get_hydra_sweeps
+
+    return [point["params.yaml"] for point in get_hydra_sweeps({"params.yaml": overrides})]
+
+
+def swept_keys(overrides: list[str]) -> list[str]:
+    """The keys that take several values in a sweep."""
+    from dvc.utils.hydra import to_hydra_overrides
+
+    return [o.key_or_group for o in to_hydra_overrides(overrides) if o.is_sweep_override()]
+
+
+def untracked_pipeline_files(root: Path, config: Config) -> list[str]:
+    """Untracked files a queued experiment would miss: under conf/, stages/, src/, the raw data folder or a source."""
+    watched = ["conf/", "stages/", "src/", "dvc.yaml", "dvc.lock", "params.yaml", config.paths.raw_data.rstrip("/") + "/"]
+    watched += [source.path for source in config.data.sources.values() if source.format != "hub"]
+    lines = _run(["git", "status", "--porcelain", "--untracked-files=all"], root).stdout.splitlines()
+    untracked = [line[3:] for line in lines if line.startswith("??")]
+    return [path for path in untracked if any(path == w or path.startswith(w) for w in watched)]
+
+
+def check_tracked(root: Path, config: Config) -> None:
+    untracked = untracked_pipeline_files(root, config)
+    if untracked:
+        shown = ", ".join(untracked[:5]) + (f" and {len(untracked) - 5} more" if len(untracked) > 5 else "")
+        raise ExperimentError(f"queued experiments see only files git tracks: {shown} untracked. Commit them first.")
+
+
+def check_sweep_inputs(root: Path, config: Config, overrides: list[str]) -> list[list[str]]:
+    """Validate every grid point against the schema, and the tree and queue against what a sweep needs."""
+    if not overrides:
+        raise ExperimentError("no overrides: give at least one, e.g. -S 'method.r=4,8'")
+    points = sweep_points(overrides)
+    with tempfile.TemporaryDirectory() as scratch:
+        for point in points:
+            compose_params(root, Path(scratch) / "params.yaml", point)
+    check_tracked(root, config)
+    busy = [task for task in queue_status(root).values() if task["status"] not in DONE]
+    if busy:
+        raise ExperimentError(
+            f"the DVC queue already holds {len(busy)} unfinished experiment(s) ({', '.join(t['name'] for t in busy)}): "
+            "run them with `dvc queue start` or drop them with `dvc queue remove --queued` first."
+        )
+    return points
+
+
+def queue_status(root: Path) -> dict[str, dict[str, Any]]:
+    """Task rev -> {name, status} for every experiment DVC's queue knows."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return {task["rev"]: {"name": task.get("name"), "status": task["status"]} for task in repo.experiments.celery_queue.status()}
+
+
+def queue_experiments(root: Path, overrides: list[str]) -> dict[str, str]:
+    """`dvc exp run --queue -S ...`; returns task rev -> experiment name of the newly queued ones."""
+    before = set(queue_status(root))
+    _run(["dvc", "exp", "run", "--queue", *(arg for o in overrides for arg in ("-S", o))], root)
+    return {rev: task["name"] for rev, task in queue_status(root).items() if rev not in before}
+
+
+def wait_for(root: Path, tasks: dict[str, str]) -> dict[str, str]:
+    """Poll the queue until every task is done; print each change; return name -> Success | Failed."""
+    seen: dict[str, str] = {}
+    while True:
+        status = queue_status(root)
+        for rev, name in tasks.items():
+            state = status.get(rev, {}).get("status", "Queued")
+            if seen.get(name) != state:
+                seen[name] = state
+                done = sum(s in DONE for s in seen.values())
+                print(f"[{done}/{len(tasks)} done] {name}: {state}", flush=True)
+        if all(seen.get(name) in DONE for name in tasks.values()):
+            return seen
+        time.sleep(POLL_S)
+
+
+def experiment_rows(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Name -> flat params and metrics of finished experiments, as `dvc exp show` lists them."""
+    import dvc.api
+
+    rows = {}
+    for row in dvc.api.exp_show(repo=str(root)):
+        if row.get("Experiment") in names:
+            rows[row["Experiment"]] = {key.split(":", 1)[-1]: value for key, value in row.items()}
+    return rows
+
+
+def schedule_child_runs(experiment_id: str, parent_id: str, names: list[str], baseline: str) -> dict[str, str]:
+    """One SCHEDULED MLflow run per queued experiment, nested under the sweep's parent run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    children = {}
+    for name in names:
+        tags = {PARENT_TAG: parent_id, EXP_NAME_TAG: name, BASELINE_TAG: baseline, SWEEP_TAG: parent_id}
+        run = client.create_run(experiment_id, tags=tags, run_name=name)
+        client.update_run(run.info.run_id, status="SCHEDULED")
+        children[name] = run.info.run_id
+    return children
+
+
+def close_child_runs(children: dict[str, str], states: dict[str, str], rows: dict[str, dict[str, Any]]) -> None:
+    """Children no stage resumed: FAILED for failed experiments; for experiments DVC restored whole from
+    its run cache, the restored params and metrics, linked to the run that computed them."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for name, run_id in children.items():
+        if client.get_run(run_id).info.status != "SCHEDULED":
+            continue
+        if states[name] != "Success" or name not in rows:
+            client.set_terminated(run_id, status="FAILED")
+            continue
+        row = rows[name]
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key.split(".")[0] in ("base", "tuned"):
+                client.log_metric(run_id, f"test/{key.replace('.', '/')}", float(value))
+        client.set_tag(run_id, ADAPTER_RUN_TAG, str(row.get("mlflow_run_id")))
+        client.set_tag(run_id, "slmtune.restored_from_run_cache", "true")
+        client.set_terminated(run_id, status="FINISHED")
+
+
+def metric_direction(metric: str, direction: str | None) -> str:
+    """min or max for the ranking metric: given, or known from the metric's name."""
+    from .reporting import METRIC_ROWS
+
+    if direction:
+        return direction
+    better = {key: ("min" if b == "lower" else "max") for key, _, b in METRIC_ROWS}
+    name = metric.split(".")[-1]
+    if name not in better:
+        raise ExperimentError(f"metric '{metric}': unknown direction; add --direction min or --direction max")
+    return better[name]
+
+
+def run_sweep(root: Path, overrides: list[str], jobs: int, metric: str, direction: str | None) -> int:
+    """The `slmtune sweep` command; returns the exit code (1 when any experiment failed)."""
+    import mlflow
+
+    from .reporting import write_sweep_report
+
+    root = root.resolve()
+    os.chdir(root)
+    config = load_config()
+    order = metric_direction(metric, direction)
+    points = check_sweep_inputs(root, config, overrides)
+    print(f"sweep: {len(points)} experiments; first the shared stages (`dvc repro {UPSTREAM_TARGET}`)", flush=True)
+    _run(["dvc", "repro", UPSTREAM_TARGET], root, capture=False)
+    check_tracked(root, config)  # a first run writes dvc.lock: the experiments need it to reuse these stages
+    baseline = git_state(root)["commit"]
+    experiment_id = open_store(config.tracking)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"sweep {' '.join(overrides)}"[:250]) as parent:
+        mlflow.set_tags({SWEEP_TAG: "parent", BASELINE_TAG: baseline})
+        mlflow.log_params({"sweep.overrides": " ".join(overrides)[:6000], "sweep.metric": metric,
+                           "sweep.direction": order, "sweep.jobs": jobs, "sweep.size": len(points)})  # fmt: skip
+        tasks = queue_experiments(root, overrides)
+        children = schedule_child_runs(experiment_id, parent.info.run_id, list(tasks.values()), baseline)
+        print(f"queued {', '.join(tasks.values())}; MLflow parent run {parent.info.run_id}", flush=True)
+        _run(["dvc", "queue", "start", "-j", str(jobs)], root)
+        states = wait_for(root, tasks)
+        rows = experiment_rows(root, [name for name, state in states.items() if state == "Success"])
+        close_child_runs(children, states, rows)
+        summary = write_sweep_report(config, rows, states, children, swept_keys(overrides), metric, order, parent.info.run_id)
+        mlflow.log_artifact(config.paths.sweep_report, "sweep")
+        mlflow.log_artifact(config.paths.sweep_plot, "sweep")
+        if summary["best"]:
+            mlflow.set_tag("slmtune.best_exp", summary["best"])
+            mlflow.log_metric(f"best/{metric}", summary["best_value"])
+    failed = [name for name, state in states.items() if state != "Success"]
+    print(f"wrote {config.paths.sweep_report} and {config.paths.sweep_plot}; best: {summary['best']}", flush=True)
+    if failed:
+        print(f"error: {len(failed)} experiment(s) failed: {', '.join(failed)}; see `dvc queue logs <name>`", file=sys.stderr)
+        return 1
+    return 0
+
+
+def find_exp_ref(root: Path, name: str) -> str | None:
+    """The git ref DVC keeps an experiment under (`refs/exps/<baseline>/<name>`), if this clone has it."""
+    refs = _run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], root).stdout.split()
+    return next((ref for ref in refs if ref.rsplit("/", 1)[-1] == name), None)
+
+
+def reproduction_plan(root: Path, config: Config, run_id: str) -> dict[str, Any]:
+    """What an MLflow run was made from and the commands that make it again."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    open_store(config.tracking)
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise ExperimentError(f"MLflow run '{run_id}' not found in {config.tracking.tracking_uri or 'mlflow.db'}") from None
+    tags = run.data.tags
+    if "mlflow.source.git.commit" not in tags and ADAPTER_RUN_TAG not in tags:
+        raise ExperimentError(f"MLflow run '{run_id}' was not made by the pipeline (no commit or adapter tag); give a train or evaluate run id")
+    name = tags.get(EXP_NAME_TAG, "workspace")
+    commit = tags.get("mlflow.source.git.commit") or tags.get(BASELINE_TAG)
+    ref = find_exp_ref(root, name) if name != "workspace" else None
+    commands = [f"dvc exp apply {name}", "dvc repro --force"] if ref else [f"git checkout {commit}", "dvc repro --force"]
+    return {
+        "run_id": run_id,
+        "adapter_run_id": tags.get(ADAPTER_RUN_TAG, run_id),
+        "exp_name": name,
+        "exp_ref": ref,
+        "baseline": tags.get(BASELINE_TAG),
+        "commit": commit,
+        "metrics": {k: v for k, v in run.data.metrics.items() if k.startswith("test/")},
+        "commands": commands,
+    }
+
+
+def print_plan(plan: dict[str, Any]) -> None:
+    print(f"MLflow run {plan['run_id']}: DVC experiment '{plan['exp_name']}', baseline {plan['baseline']}, code {plan['commit']}")
+    if plan["exp_ref"]:
+        print(f"experiment ref: {plan['exp_ref']}")
+    print("reproduce in this workspace (replaces its params and outputs):")
+    for command in plan["commands"]:
+        print(f"  {command}")
+    print(f"or in a throwaway git worktree, comparing the metrics:\n  slmtune reproduce {plan['run_id']} --run")
+
+
+def reproduce_run(root: Path, config: Config, plan: dict[str, Any], keep: bool = False) -> int:
+    """Check out the run's commit in a temporary worktree, write the run's resolved config as its
+    params.yaml, run the whole pipeline there (own cache: nothing reused) and compare the test metrics."""
+    import json
+
+    from mlflow.artifacts import download_artifacts
+
+    resolved_path = download_artifacts(run_id=plan["run_id"], artifact_path="config/resolved.yaml")
+    resolved = yaml.safe_load(Path(resolved_path).read_text(encoding="utf-8"))
+    resolved["tracking"]["tracking_uri"] = resolved["tracking"]["tracking_uri"] or tracking_uri(config.tracking, root)
+    workdir = Path(tempfile.mkdtemp(prefix="slmtune-reproduce-"))
+    _run(["git", "worktree", "add", "--detach", str(workdir), plan["commit"]], root)
+    try:
+        (workdir / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+        env = dict(os.environ, PYTHONPATH=str(workdir / "src"), SLMTUNE_REPRODUCES=plan["run_id"])
+        env.pop("DVC_ROOT", None)
+        print(f"reproducing in {workdir}: dvc repro", flush=True)
+        _run(["dvc", "repro"], workdir, env=env, capture=False)
+        new = json.loads((workdir / resolved["paths"]["metrics"]).read_text(encoding="utf-8"))
+        weights = compare_adapter_weights(plan, workdir / resolved["paths"]["adapter"])
+    finally:
+        if not keep:
+            _run(["git", "worktree", "remove", "--force", str(workdir)], root)
+    return max(compare_metrics(plan["metrics"], new), weights)
+
+
+def compare_adapter_weights(plan: dict[str, Any], adapter_dir: Path) -> int:
+    """md5 of the reproduced adapter weights against those the original run logged; 0 when equal."""
+    from mlflow.artifacts import download_artifacts
+
+    weights = "adapter_model.safetensors"
+    recorded = file_md5(download_artifacts(run_id=plan["adapter_run_id"], artifact_path=f"adapter/{weights}"))
+    again = file_md5(adapter_dir / weights)
+    print(f"{'MATCH' if recorded == again else 'MISMATCH':9} {weights:28} recorded {recorded}  reproduced {again}")
+    return 0 if recorded == again else 1
+
+
+def compare_metrics(recorded: dict[str, float], reproduced: dict[str, Any]) -> int:
+    """Print recorded vs reproduced test metrics; 0 when all agree within METRICS_TOLERANCE."""
+    mismatches = 0
+    for key, value in sorted(recorded.items()):
+        _, model, name = key.split("/", 2)
+        again = reproduced.get(model, {}).get(name)
+        same = again is not None and abs(again - value) <= METRICS_TOLERANCE * max(1.0, abs(value))
+        mismatches += not same
+        print(f"{'MATCH' if same else 'MISMATCH':9} {key:28} recorded {value:.8g}  reproduced {again if again is None else format(again, '.8g')}")
+    print("reproduction: " + ("MATCH" if not mismatches else f"MISMATCH in {mismatches} metric(s)"))
+    return 1 if mismatches or not recorded else 0

@@ -1,0 +1,153 @@
+"""Sweeps as queued DVC experiments under one MLflow parent run, lineage checks, reproduction, determinism."""
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY_OVERRIDES, make_project, run
+from slmtune.experiments import ExperimentError, metric_direction, sweep_points, swept_keys
+from slmtune.lineage import file_md5
+from slmtune.reporting import rank_experiments, render_sweep_report
+
+ROWS = {
+    "exp-a": {"method.r": 4, "train.learning_rate": 1e-4, "tuned.loss": 2.5, "tuned.rougeL": 0.30},
+    "exp-b": {"method.r": 8, "train.learning_rate": 1e-4, "tuned.loss": 1.5, "tuned.rougeL": 0.20},
+    "exp-c": {"method.r": 4, "train.learning_rate": 3e-4, "tuned.loss": 2.0, "tuned.rougeL": 0.40},
+}
+
+
+def test_sweep_overrides_expand_like_dvc():
+    overrides = ["method.r=4,8", "train.learning_rate=1e-4,3e-4", "train.max_steps=5"]
+    points = sweep_points(overrides)
+    assert len(points) == 4 and all("train.max_steps=5" in point for point in points)
+    assert {tuple(sorted(p)) for p in points} == {tuple(sorted(["method.r=" + r, "train.learning_rate=" + lr, "train.max_steps=5"]))
+                                                  for r in ("4", "8") for lr in ("0.0001", "0.0003")}  # fmt: skip
+    assert swept_keys(overrides) == ["method.r", "train.learning_rate"]
+
+
+def test_sweep_ranks_by_the_chosen_metric_in_its_direction():
+    assert rank_experiments(ROWS, "tuned.loss", metric_direction("tuned.loss", None)) == ["exp-b", "exp-c", "exp-a"]
+    assert rank_experiments(ROWS, "tuned.rougeL", metric_direction("tuned.rougeL", None)) == ["exp-c", "exp-a", "exp-b"]
+    with pytest.raises(ExperimentError, match="--direction"):
+        metric_direction("tuned.bleu", None)
+    report = render_sweep_report(ROWS, {"exp-a": "Success", "exp-b": "Success", "exp-c": "Success", "exp-d": "Failed"},
+                                 {"exp-b": "run-b"}, ["method.r", "train.learning_rate"], "tuned.loss", "min", "parent", "sweep.png")  # fmt: skip
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| rank | experiment | method.r | train.learning_rate | tuned.loss")
+    assert [line.split(" | ")[1] for line in table[1:]] == ["`exp-b`", "`exp-c`", "`exp-a`"]
+    assert "`exp-b`: `method.r=8`, `train.learning_rate=0.0001`, `tuned.loss` = 1.5" in report
+    assert "dvc exp apply exp-b" in report and "`exp-d`: see `dvc queue logs exp-d`" in report and "](sweep.png)" in report
+
+
+def _fresh_clone_state(project: Path) -> None:
+    """Commit dvc.lock as the repository ships it, then drop outputs and cache as a new clone has none."""
+    run(["dvc", "repro", "tokenize"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], project)
+    for path in ("models/base", "data/prepared", "data/tokenized", ".dvc/cache"):
+        shutil.rmtree(project / path)
+
+
+def test_sweep_runs_the_grid_as_queued_experiments_under_one_parent_and_reproduces(tmp_path, tiny_model_dir):
+    project = make_project(tmp_path / "project", [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES], frozen_conf=True)
+    _fresh_clone_state(project)
+    result = run(["slmtune", "sweep", "-S", "method.r=2,4", "-S", "train.learning_rate=1e-3", "-j", "2"], project)
+    assert result.stdout.count("Running stage 'prepare'") == result.stdout.count("Running stage 'tokenize'") == 1
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["slmtune"], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("slmtune.sweep") == "parent"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 2 == len(runs) - 1 and {c.info.status for c in children} == {"FINISHED"}
+    names = {c.data.tags["dvc.exp_name"]: c for c in children}
+    baseline = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    assert {c.data.tags["dvc.baseline_rev"] for c in children} == {baseline}
+
+    table = run(["dvc", "exp", "show", "--csv", "--no-pager"], project).stdout
+    for name, child in names.items():
+        assert name in table
+        logs = run(["dvc", "queue", "logs", name], project).stdout
+        assert "Stage 'prepare' didn't change, skipping" in logs and "Stage 'tokenize' didn't change, skipping" in logs
+        assert "Running stage 'train'" in logs
+        assert str(child.data.params["method.r"]) in ("2", "4") and "test/tuned/loss" in child.data.metrics
+        assert f"{child.data.metrics['test/tuned/loss']:.6g}"[:5] in table
+
+    report = (project / "reports/sweep.md").read_text()
+    ranked = [line.split(" | ")[1].strip("`") for line in report.splitlines() if line.startswith("| ") and "`" in line]
+    losses = [names[name].data.metrics["test/tuned/loss"] for name in ranked]
+    assert sorted(ranked) == sorted(names) and losses == sorted(losses)
+    assert (project / "reports/sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert {a.path for a in MlflowClient().list_artifacts(parents[0].info.run_id, "sweep")} == {"sweep/sweep.md", "sweep/sweep.png"}
+
+    chosen = names[ranked[0]]
+    result = run(["slmtune", "reproduce", chosen.info.run_id, "--run"], project)
+    assert f"refs/exps/{baseline[:2]}/{baseline[2:]}/{ranked[0]}" in result.stdout
+    assert "MATCH     adapter_model.safetensors" in result.stdout and "reproduction: MATCH" in result.stdout
+    assert run(["git", "worktree", "list"], project).stdout.count("\n") == 1
+
+
+def test_sweep_refuses_untracked_pipeline_files_before_queueing(tiny_project: Path):
+    (tiny_project / "data/raw/new.csv").write_text("instruction,output\nq,a\n")
+    result = run(["slmtune", "sweep", "-S", "method.r=2,4"], tiny_project, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: queued experiments see only files git tracks: data/raw/new.csv untracked. Commit them first."
+    unknown = run(["slmtune", "sweep", "-S", "method.rank=2,4"], tiny_project, check=False)
+    assert unknown.returncode == 1 and "method.rank" in unknown.stderr and len(unknown.stderr.strip().splitlines()) == 1
+    assert "Queued" not in run(["dvc", "queue", "status"], tiny_project).stdout
+
+
+def test_lineage_command_matches_a_fresh_adapter_and_flags_one_changed_byte(tiny_project: Path):
+    run(["dvc", "repro"], tiny_project)
+    result = run(["slmtune", "lineage", "models/adapter"], tiny_project)
+    assert result.stdout.rstrip().endswith("lineage: MATCH")
+    assert "MATCH      input source/company_kb" in result.stdout and "MATCH      code stages/train.py" in result.stdout
+    provenance = json.loads((tiny_project / "models/adapter/provenance.json").read_text())
+    card = (tiny_project / "models/adapter/README.md").read_text()
+    assert provenance["mlflow"]["run_id"] in card and provenance["inputs"]["tokenized"]["md5"] in card
+
+    data = tiny_project / "data/raw/company_kb.csv"
+    raw = bytearray(data.read_bytes())
+    raw[-2] = ord("X") if raw[-2] != ord("X") else ord("Y")
+    data.write_bytes(bytes(raw))
+    changed = run(["slmtune", "lineage"], tiny_project, check=False)
+    assert changed.returncode == 1
+    assert "MISMATCH   input source/company_kb: recorded " in changed.stdout
+    assert changed.stdout.rstrip().splitlines()[-1].startswith("lineage: MISMATCH (1 of ")
+
+
+def test_same_inputs_give_identical_adapter_bytes(tiny_project: Path):
+    run(["dvc", "repro", "train"], tiny_project)
+    adapter = tiny_project / "models/adapter"
+    files = ("adapter_model.safetensors", "adapter_config.json")
+    first = {name: file_md5(adapter / name) for name in files} | {"log": file_md5(tiny_project / "reports/train_log.csv")}
+    first_run = json.loads((adapter / "provenance.json").read_text())["mlflow"]["run_id"]
+    run(["dvc", "repro", "--force", "--single-item", "train"], tiny_project)
+    second = {name: file_md5(adapter / name) for name in files} | {"log": file_md5(tiny_project / "reports/train_log.csv")}
+    assert second == first
+    assert json.loads((adapter / "provenance.json").read_text())["mlflow"]["run_id"] != first_run
+
+
+def test_changing_only_evaluation_settings_logs_a_run_of_its_own(tiny_project: Path):
+    run(["dvc", "repro"], tiny_project)
+    provenance = json.loads((tiny_project / "models/adapter/provenance.json").read_text())
+    first = json.loads((tiny_project / "reports/metrics.json").read_text())
+    assert first["mlflow_run_id"] == provenance["mlflow"]["run_id"]
+
+    params = tiny_project / "params.yaml"
+    params.write_text(params.read_text().replace("max_new_tokens: 8", "max_new_tokens: 4"))
+    result = run(["dvc", "repro"], tiny_project)
+    assert "Running stage 'train'" not in result.stdout and "Running stage 'evaluate'" in result.stdout
+    second = json.loads((tiny_project / "reports/metrics.json").read_text())
+    assert second["mlflow_run_id"] != first["mlflow_run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{tiny_project / 'mlflow.db'}")
+    client = MlflowClient()
+    evaluation = client.get_run(second["mlflow_run_id"])
+    assert evaluation.data.tags["slmtune.adapter_run_id"] == provenance["mlflow"]["run_id"]
+    assert evaluation.data.params["eval.max_new_tokens"] == "4"
+    assert len(client.get_metric_history(provenance["mlflow"]["run_id"], "test/tuned/loss")) == 1
+    assert {a.path for a in client.list_artifacts(evaluation.info.run_id, "reports")} >= {"reports/before_after.md", "reports/metrics.json"}

@@ -1,0 +1,86 @@
+"""MLflow runs: one per pipeline execution, tagged with its DVC experiment; a store shared by parallel workers."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import stage_env
+from slmtune.config import TrackingConfig
+from slmtune.experiments import schedule_child_runs
+from slmtune.tracking import ADAPTER_RUN_TAG, evaluation_run, open_store, pipeline_run
+
+WORKER = """
+import sys
+import mlflow
+from slmtune.config import TrackingConfig
+from slmtune.tracking import mlflow_run
+with mlflow_run(TrackingConfig(log_system_metrics=False), run_name=sys.argv[1]):
+    for step in range(100):
+        mlflow.log_metric("m", step, step=step)
+"""
+
+
+def test_parallel_workers_create_and_share_one_sqlite_store(tmp_path: Path):
+    env = stage_env() | {"DVC_ROOT": str(tmp_path)}
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, f"w{i}"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+               for i in range(4)]  # fmt: skip
+    errors = [w.communicate()[1] for w in workers]
+    assert [w.returncode for w in workers] == [0] * 4, "\n".join(errors)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["slmtune"], output_format="list")
+    assert sorted(r.info.run_name for r in runs) == ["w0", "w1", "w2", "w3"]
+    for r in runs:
+        assert len(MlflowClient().get_metric_history(r.info.run_id, "m")) == 100
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> TrackingConfig:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    for name in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(name, raising=False)
+    return TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'store.db'}", log_system_metrics=False)
+
+
+def test_evaluation_joins_its_train_run_once_then_gets_its_own(tracking):
+    with pipeline_run(tracking, "train") as train:
+        pass
+    train_id = train.info.run_id
+    with evaluation_run(tracking, train_id, {"eval": {"max_new_tokens": 8}}) as first:
+        mlflow.log_metric("test/tuned/loss", 1.0)
+    assert first.info.run_id == train_id
+
+    with evaluation_run(tracking, train_id, {"eval": {"max_new_tokens": 16}}) as second:
+        mlflow.log_metric("test/tuned/loss", 2.0)
+    assert second.info.run_id != train_id
+    again = MlflowClient().get_run(second.info.run_id)
+    assert again.data.tags[ADAPTER_RUN_TAG] == train_id and again.data.params["eval.max_new_tokens"] == "16"
+    assert [m.value for m in MlflowClient().get_metric_history(train_id, "test/tuned/loss")] == [1.0]
+
+    with evaluation_run(tracking, "0" * 32, {}) as foreign:  # an adapter whose run is in another store
+        pass
+    assert foreign.info.run_id not in (train_id, second.info.run_id)
+
+
+def test_workspace_runs_are_tagged_and_experiment_runs_resume_their_scheduled_run(tracking, monkeypatch):
+    with pipeline_run(tracking, "train") as workspace:
+        pass
+    tags = MlflowClient().get_run(workspace.info.run_id).data.tags
+    assert tags["dvc.exp_name"] == "workspace" and tags["dvc.baseline_rev"] == "unknown"
+
+    experiment_id = open_store(tracking)
+    with mlflow.start_run(experiment_id=experiment_id) as parent:
+        pass
+    children = schedule_child_runs(experiment_id, parent.info.run_id, ["exp-a", "exp-b"], "abc123")
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-b")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
+    with pipeline_run(tracking, "train") as run:
+        pass
+    assert run.info.run_id == children["exp-b"]
+    finished = MlflowClient().get_run(run.info.run_id)
+    assert finished.info.status == "FINISHED" and finished.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert MlflowClient().get_run(children["exp-a"]).info.status == "SCHEDULED"
