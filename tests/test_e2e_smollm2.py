@@ -3,9 +3,10 @@
 import json
 from pathlib import Path
 
+import mlflow
 import pytest
 
-from conftest import make_project, run
+from conftest import REPO, make_project, run
 
 pytestmark = pytest.mark.e2e
 SMALL_RUN = ["train.max_steps=12", "train.eval_steps=6", "eval.max_new_tokens=24"]
@@ -34,3 +35,32 @@ def test_smollm2_pipeline_lowers_test_loss_for_every_main_data_format(tmp_path: 
         metrics = json.loads((project / "reports/metrics.json").read_text())
         assert metrics["tuned"]["loss"] < metrics["base"]["loss"], (preset, metrics)
         assert "## Rows per source and split" in (project / "reports/data_report.md").read_text()
+
+
+def test_smollm2_two_by_two_sweep_from_a_fresh_clone(tmp_path: Path):
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(REPO), str(clone)], tmp_path)
+    grid = ["-S", "method.r=4,8", "-S", "train.learning_rate=3e-4,1e-3"]
+    small = ["-S", "train.max_steps=8", "-S", "train.eval_steps=4", "-S", "eval.max_new_tokens=16"]
+    result = run(["slmtune", "sweep", *grid, *small, "-j", "2"], clone)
+    for stage in ("base", "prepare", "tokenize"):
+        assert result.stdout.count(f"Running stage '{stage}'") == 1
+
+    mlflow.set_tracking_uri(f"sqlite:///{clone / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["slmtune"], output_format="list")
+    (parent,) = [r for r in runs if r.data.tags.get("slmtune.sweep") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    assert {(c.data.params["method.r"], c.data.params["train.learning_rate"]) for c in children} == {
+        (r, lr) for r in ("4", "8") for lr in ("0.0003", "0.001")}  # fmt: skip
+    table = run(["dvc", "exp", "show", "--csv", "--no-pager"], clone).stdout
+    report = (clone / "reports/sweep.md").read_text()
+    ranked = [line.split(" | ")[1].strip("`") for line in report.splitlines() if line.startswith("| ") and "`" in line]
+    by_name = {c.data.tags["dvc.exp_name"]: c for c in children}
+    assert sorted(ranked) == sorted(by_name) and all(name in table for name in ranked)
+    losses = [by_name[name].data.metrics["test/tuned/loss"] for name in ranked]
+    assert losses == sorted(losses)
+    for name in ranked:
+        logs = run(["dvc", "queue", "logs", name], clone).stdout
+        assert "Stage 'tokenize' didn't change, skipping" in logs and "Running stage 'train'" in logs
+        assert by_name[name].data.metrics["test/tuned/loss"] < by_name[name].data.metrics["test/base/loss"]
