@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import stage_env
 from slmtune.config import TrackingConfig
-from slmtune.experiments import schedule_child_runs
+from slmtune.experiments import close_child_runs, schedule_child_runs
 from slmtune.tracking import ADAPTER_RUN_TAG, evaluation_run, open_store, pipeline_run
 
 WORKER = """
@@ -84,3 +84,16 @@ def test_workspace_runs_are_tagged_and_experiment_runs_resume_their_scheduled_ru
     finished = MlflowClient().get_run(run.info.run_id)
     assert finished.info.status == "FINISHED" and finished.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert MlflowClient().get_run(children["exp-a"]).info.status == "SCHEDULED"
+
+
+def test_children_no_stage_resumed_are_closed_from_the_experiment_results(tracking):
+    experiment_id = open_store(tracking)
+    with mlflow.start_run(experiment_id=experiment_id) as parent:
+        pass
+    children = schedule_child_runs(experiment_id, parent.info.run_id, ["cached", "broken"], "abc123")
+    rows = {"cached": {"tuned.loss": 1.25, "base.loss": 3.5, "method.r": 4, "mlflow_run_id": "earlier", "Experiment": "cached"}}
+    close_child_runs(children, {"cached": "Success", "broken": "Failed"}, rows)
+    cached, broken = (MlflowClient().get_run(children[name]) for name in ("cached", "broken"))
+    assert cached.info.status == "FINISHED" and broken.info.status == "FAILED"
+    assert cached.data.metrics == {"test/tuned/loss": 1.25, "test/base/loss": 3.5}
+    assert cached.data.params == {"method.r": "4"} and cached.data.tags[ADAPTER_RUN_TAG] == "earlier"

@@ -20,12 +20,13 @@ import yaml
 
 from .config import Config, compose_params, load_config
 from .lineage import file_md5, git_state
-from .tracking import ADAPTER_RUN_TAG, BASELINE_TAG, EXP_NAME_TAG, PARENT_TAG, SWEEP_TAG, open_store, tracking_uri
+from .tracking import ADAPTER_RUN_TAG, BASELINE_TAG, EXP_NAME_TAG, PARENT_TAG, SWEEP_TAG, THREADS_TAG, open_store, tracking_uri
 
 UPSTREAM_TARGET = "tokenize"
 """Running this stage (and so everything before it) in the workspace first lets every experiment of a
 sweep reuse base, prepare and tokenize from the DVC cache instead of computing them in parallel."""
 DONE = ("Success", "Failed")
+CONFIG_SECTIONS = ("paths", "model", "data", "method", "train", "eval", "tracking")
 POLL_S = 3.0
 METRICS_TOLERANCE = 1e-6
 
@@ -105,6 +106,26 @@ def queue_experiments(root: Path, overrides: list[str]) -> dict[str, str]:
     return {rev: task["name"] for rev, task in queue_status(root).items() if rev not in before}
 
 
+def worker_env(jobs: int) -> dict[str, str]:
+    """The environment queue workers inherit: CPU threads split between the parallel workers (several
+    PyTorch processes each using every core slow each other down), unless OMP_NUM_THREADS is set."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    return env
+
+
+def start_workers(root: Path, jobs: int) -> None:
+    """`dvc queue start -j N`. Its output goes to a file: the workers it spawns inherit the handles,
+    and a pipe would stay open (and this call blocked) until they exit."""
+    with tempfile.TemporaryFile(mode="w+") as log:
+        command = ["dvc", "queue", "start", "-j", str(jobs)]
+        result = subprocess.run(command, cwd=root, env=worker_env(jobs), stdout=log, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            log.seek(0)
+            last = (log.read().strip().splitlines() or [f"exit {result.returncode}"])[-1]
+            raise ExperimentError(f"`dvc queue start -j {jobs}` failed: {last}")
+
+
 def wait_for(root: Path, tasks: dict[str, str]) -> dict[str, str]:
     """Poll the queue until every task is done; print each change; return name -> Success | Failed."""
     seen: dict[str, str] = {}
@@ -149,9 +170,11 @@ def schedule_child_runs(experiment_id: str, parent_id: str, names: list[str], ba
 def close_child_runs(children: dict[str, str], states: dict[str, str], rows: dict[str, dict[str, Any]]) -> None:
     """Children no stage resumed: FAILED for failed experiments; for experiments DVC restored whole from
     its run cache, the restored params and metrics, linked to the run that computed them."""
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
+    now = int(time.time() * 1000)
     for name, run_id in children.items():
         if client.get_run(run_id).info.status != "SCHEDULED":
             continue
@@ -159,9 +182,10 @@ def close_child_runs(children: dict[str, str], states: dict[str, str], rows: dic
             client.set_terminated(run_id, status="FAILED")
             continue
         row = rows[name]
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key.split(".")[0] in ("base", "tuned"):
-                client.log_metric(run_id, f"test/{key.replace('.', '/')}", float(value))
+        metrics = [Metric(f"test/{k.replace('.', '/')}", float(v), now, 0) for k, v in row.items()
+                   if k.split(".")[0] in ("base", "tuned") and isinstance(v, (int, float)) and not isinstance(v, bool)]  # fmt: skip
+        params = [Param(k, str(v)) for k, v in row.items() if k.split(".")[0] in CONFIG_SECTIONS]
+        client.log_batch(run_id, metrics=metrics, params=params)
         client.set_tag(run_id, ADAPTER_RUN_TAG, str(row.get("mlflow_run_id")))
         client.set_tag(run_id, "slmtune.restored_from_run_cache", "true")
         client.set_terminated(run_id, status="FINISHED")
@@ -203,7 +227,7 @@ def run_sweep(root: Path, overrides: list[str], jobs: int, metric: str, directio
         tasks = queue_experiments(root, overrides)
         children = schedule_child_runs(experiment_id, parent.info.run_id, list(tasks.values()), baseline)
         print(f"queued {', '.join(tasks.values())}; MLflow parent run {parent.info.run_id}", flush=True)
-        _run(["dvc", "queue", "start", "-j", str(jobs)], root)
+        start_workers(root, jobs)
         states = wait_for(root, tasks)
         rows = experiment_rows(root, [name for name, state in states.items() if state == "Success"])
         close_child_runs(children, states, rows)
@@ -243,17 +267,29 @@ def reproduction_plan(root: Path, config: Config, run_id: str) -> dict[str, Any]
     name = tags.get(EXP_NAME_TAG, "workspace")
     commit = tags.get("mlflow.source.git.commit") or tags.get(BASELINE_TAG)
     ref = find_exp_ref(root, name) if name != "workspace" else None
+    adapter_run = tags.get(ADAPTER_RUN_TAG, run_id)
     commands = [f"dvc exp apply {name}", "dvc repro --force"] if ref else [f"git checkout {commit}", "dvc repro --force"]
     return {
         "run_id": run_id,
-        "adapter_run_id": tags.get(ADAPTER_RUN_TAG, run_id),
+        "adapter_run_id": adapter_run,
         "exp_name": name,
         "exp_ref": ref,
         "baseline": tags.get(BASELINE_TAG),
         "commit": commit,
         "metrics": {k: v for k, v in run.data.metrics.items() if k.startswith("test/")},
+        "threads": _run_tag(adapter_run, THREADS_TAG),
         "commands": commands,
     }
+
+
+def _run_tag(run_id: str, tag: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient().get_run(run_id).data.tags.get(tag)
+    except MlflowException:
+        return None
 
 
 def print_plan(plan: dict[str, Any]) -> None:
@@ -281,6 +317,8 @@ def reproduce_run(root: Path, config: Config, plan: dict[str, Any], keep: bool =
     try:
         (workdir / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
         env = dict(os.environ, PYTHONPATH=str(workdir / "src"), SLMTUNE_REPRODUCES=plan["run_id"])
+        if plan["threads"]:
+            env["OMP_NUM_THREADS"] = plan["threads"]  # as many as the original run used
         env.pop("DVC_ROOT", None)
         print(f"reproducing in {workdir}: dvc repro", flush=True)
         _run(["dvc", "repro"], workdir, env=env, capture=False)

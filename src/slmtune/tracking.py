@@ -30,6 +30,7 @@ PARENT_TAG = "mlflow.parentRunId"
 ADAPTER_RUN_TAG = "slmtune.adapter_run_id"
 SWEEP_TAG = "slmtune.sweep"
 REPRODUCES_TAG = "slmtune.reproduces"
+THREADS_TAG = "slmtune.torch_threads"
 EVALUATED_METRIC = "test/tuned/loss"
 
 

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from .config import Config, config_to_dict
@@ -14,7 +15,7 @@ from .lineage import PROVENANCE_FILE, code_digests, dvc_md5, git_state, model_ca
 from .modeling import default_target_modules, load_model, load_tokenizer, parameter_counts
 from .outputs import write_json
 from .prompting import padding_collator
-from .tracking import BASELINE_TAG, EXP_NAME_TAG, experiment_tags, log_datasets, log_flat_params, pipeline_run
+from .tracking import BASELINE_TAG, EXP_NAME_TAG, THREADS_TAG, experiment_tags, log_datasets, log_flat_params, pipeline_run
 
 def lora_model(model: Any, config: Config) -> Any:
     """Wrap `model` with trainable LoRA adapters as configured; their initialisation is seeded."""
@@ -175,7 +176,9 @@ def log_run_inputs(config: Config, counts: dict[str, int]) -> dict[str, Any]:
     digests = input_digests(config)
     log_flat_params(resolved)
     mlflow.log_dict(resolved, "config/resolved.yaml")
-    mlflow.set_tags({"mlflow.source.git.commit": git["commit"] or "unknown", "git_dirty": str(git["dirty"])})
+    threads = torch.get_num_threads()  # float reductions, hence the last bits, depend on it
+    mlflow.set_tags({"mlflow.source.git.commit": git["commit"] or "unknown", "git_dirty": str(git["dirty"]),
+                     THREADS_TAG: str(threads)})  # fmt: skip
     mlflow.log_metrics({"params/trainable": counts["trainable"], "params/total": counts["total"]})
     log_datasets(config.tracking, digests)
     log_data_figures(config)
@@ -186,6 +189,7 @@ def log_run_inputs(config: Config, counts: dict[str, int]) -> dict[str, Any]:
         "inputs": digests,
         "code": code_digests("train"),
         "config": resolved,
+        "runtime": {"torch_threads": threads},
     }
 
 
