@@ -39,7 +39,7 @@ def test_git_state_reports_commit_and_dirtiness(tmp_path):
     clean = git_state(tmp_path)
     assert len(clean["commit"]) == 40 and clean["dirty"] is False
     (tmp_path / "f").write_text("2")
-    assert git_state(tmp_path)["dirty"] is True
+    assert git_state(tmp_path)["dirty"] is True and git_state(tmp_path)["dirty_files"] == ["f"]
     assert git_state("/")["commit"] is None
 
 

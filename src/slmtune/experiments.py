@@ -20,12 +20,24 @@ import yaml
 
 from .config import Config, compose_params, load_config
 from .lineage import file_md5, git_state
-from .tracking import ADAPTER_RUN_TAG, BASELINE_TAG, EXP_NAME_TAG, PARENT_TAG, SWEEP_TAG, THREADS_TAG, open_store, tracking_uri
+from .tracking import (
+    ADAPTER_RUN_TAG,
+    BASELINE_TAG,
+    DIRTY_FILES_TAG,
+    EXP_NAME_TAG,
+    PARENT_TAG,
+    SWEEP_TAG,
+    THREADS_TAG,
+    open_store,
+    tracking_uri,
+)
 
 UPSTREAM_TARGET = "tokenize"
 """Running this stage (and so everything before it) in the workspace first lets every experiment of a
 sweep reuse base, prepare and tokenize from the DVC cache instead of computing them in parallel."""
 DONE = ("Success", "Failed")
+EXPERIMENT_FILES = ("params.yaml", "dvc.lock")
+"""Files a DVC experiment changes by design (its params and lock); the run's config restores them."""
 CONFIG_SECTIONS = ("paths", "model", "data", "method", "train", "eval", "tracking")
 POLL_S = 3.0
 METRICS_TOLERANCE = 1e-6
@@ -278,6 +290,7 @@ def reproduction_plan(root: Path, config: Config, run_id: str) -> dict[str, Any]
         "commit": commit,
         "metrics": {k: v for k, v in run.data.metrics.items() if k.startswith("test/")},
         "threads": _run_tag(adapter_run, THREADS_TAG),
+        "uncommitted": [f for f in (_run_tag(adapter_run, DIRTY_FILES_TAG) or "").split() if f not in EXPERIMENT_FILES],
         "commands": commands,
     }
 
@@ -296,6 +309,9 @@ def print_plan(plan: dict[str, Any]) -> None:
     print(f"MLflow run {plan['run_id']}: DVC experiment '{plan['exp_name']}', baseline {plan['baseline']}, code {plan['commit']}")
     if plan["exp_ref"]:
         print(f"experiment ref: {plan['exp_ref']}")
+    if plan["uncommitted"]:
+        print(f"warning: the run's code had uncommitted changes ({', '.join(plan['uncommitted'])}): "
+              "a reproduction from the commit may differ")  # fmt: skip
     print("reproduce in this workspace (replaces its params and outputs):")
     for command in plan["commands"]:
         print(f"  {command}")

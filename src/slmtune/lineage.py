@@ -40,7 +40,7 @@ def _git(args: list[str], cwd: str | Path) -> str | None:
         out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
-    return out.stdout.strip()
+    return out.stdout.rstrip()  # keep leading spaces: `git status --porcelain` columns start with one
 
 
 def git_state(cwd: str | Path = ".") -> dict[str, Any]:

@@ -31,6 +31,7 @@ ADAPTER_RUN_TAG = "slmtune.adapter_run_id"
 SWEEP_TAG = "slmtune.sweep"
 REPRODUCES_TAG = "slmtune.reproduces"
 THREADS_TAG = "slmtune.torch_threads"
+DIRTY_FILES_TAG = "slmtune.git_dirty_files"
 EVALUATED_METRIC = "test/tuned/loss"
 
 

@@ -15,7 +15,7 @@ from .lineage import PROVENANCE_FILE, code_digests, dvc_md5, git_state, model_ca
 from .modeling import default_target_modules, load_model, load_tokenizer, parameter_counts
 from .outputs import write_json
 from .prompting import padding_collator
-from .tracking import BASELINE_TAG, EXP_NAME_TAG, THREADS_TAG, experiment_tags, log_datasets, log_flat_params, pipeline_run
+from .tracking import BASELINE_TAG, DIRTY_FILES_TAG, EXP_NAME_TAG, THREADS_TAG, experiment_tags, log_datasets, log_flat_params, pipeline_run
 
 def lora_model(model: Any, config: Config) -> Any:
     """Wrap `model` with trainable LoRA adapters as configured; their initialisation is seeded."""
@@ -178,7 +178,7 @@ def log_run_inputs(config: Config, counts: dict[str, int]) -> dict[str, Any]:
     mlflow.log_dict(resolved, "config/resolved.yaml")
     threads = torch.get_num_threads()  # float reductions, hence the last bits, depend on it
     mlflow.set_tags({"mlflow.source.git.commit": git["commit"] or "unknown", "git_dirty": str(git["dirty"]),
-                     THREADS_TAG: str(threads)})  # fmt: skip
+                     DIRTY_FILES_TAG: " ".join(git["dirty_files"])[:5000], THREADS_TAG: str(threads)})  # fmt: skip
     mlflow.log_metrics({"params/trainable": counts["trainable"], "params/total": counts["total"]})
     log_datasets(config.tracking, digests)
     log_data_figures(config)
