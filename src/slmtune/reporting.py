@@ -245,9 +245,12 @@ def plot_sweep(path: Path, rows: dict[str, dict[str, Any]], swept: list[str], me
         for label, points in sorted(lines.items()):
             points.sort(key=lambda p: (isinstance(p[0], str), p[0]))
             axis.plot([str(x) if isinstance(x, str) else x for x, _ in points], [y for _, y in points], marker="o", label=label)
-        numeric = [x for pts in lines.values() for x, _ in pts if isinstance(x, (int, float))]
+        numeric = sorted({x for pts in lines.values() for x, _ in pts if isinstance(x, (int, float))})
         if numeric and min(numeric) > 0 and max(numeric) / min(numeric) >= 10:
             axis.set_xscale("log")
+        if numeric:
+            axis.set_xticks(numeric, [_cell(float(x)) for x in numeric])  # the swept values, not a dense axis
+            axis.minorticks_off()
         axis.set_xlabel(key)
         axis.set_ylabel(metric)
         if len(lines) > 1:
