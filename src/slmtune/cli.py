@@ -36,11 +36,11 @@ def lineage_command(args: argparse.Namespace) -> int:
 
     os.chdir(args.root)
     provenance = read_provenance(args.adapter)
-    git, run, exp = provenance["git"], provenance["mlflow"], provenance["dvc"]
+    git, run, exp = provenance["git"], provenance["mlflow"], provenance.get("dvc", {})
     dirty = f" (uncommitted: {', '.join(git['dirty_files'])})" if git.get("dirty") else ""
     print(f"adapter      {args.adapter}")
     print(f"MLflow run   {run['run_id']} (experiment {run['experiment_id']})")
-    print(f"DVC exp      {exp['exp_name']}, baseline {exp['baseline_rev']}")
+    print(f"DVC exp      {exp.get('exp_name', 'unknown')}, baseline {exp.get('baseline_rev', 'unknown')}")
     print(f"git commit   {git.get('commit')}{dirty}")
     print("metrics      " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(provenance["metrics"].items())))
     current = config_to_dict(load_config()) if Path(PARAMS_FILE).is_file() else None

@@ -280,6 +280,7 @@ def reproduction_plan(root: Path, config: Config, run_id: str) -> dict[str, Any]
     commit = tags.get("mlflow.source.git.commit") or tags.get(BASELINE_TAG)
     ref = find_exp_ref(root, name) if name != "workspace" else None
     adapter_run = tags.get(ADAPTER_RUN_TAG, run_id)
+    adapter_tags = tags if adapter_run == run_id else _run_tags(adapter_run)
     commands = [f"dvc exp apply {name}", "dvc repro --force"] if ref else [f"git checkout {commit}", "dvc repro --force"]
     return {
         "run_id": run_id,
@@ -289,20 +290,21 @@ def reproduction_plan(root: Path, config: Config, run_id: str) -> dict[str, Any]
         "baseline": tags.get(BASELINE_TAG),
         "commit": commit,
         "metrics": {k: v for k, v in run.data.metrics.items() if k.startswith("test/")},
-        "threads": _run_tag(adapter_run, THREADS_TAG),
-        "uncommitted": [f for f in (_run_tag(adapter_run, DIRTY_FILES_TAG) or "").split() if f not in EXPERIMENT_FILES],
+        "threads": adapter_tags.get(THREADS_TAG),
+        "uncommitted": [f for f in adapter_tags.get(DIRTY_FILES_TAG, "").split() if f not in EXPERIMENT_FILES],
         "commands": commands,
     }
 
 
-def _run_tag(run_id: str, tag: str) -> str | None:
+def _run_tags(run_id: str) -> dict[str, str]:
+    """A run's tags; none when the run is not in this store (an adapter restored from elsewhere)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     try:
-        return MlflowClient().get_run(run_id).data.tags.get(tag)
+        return MlflowClient().get_run(run_id).data.tags
     except MlflowException:
-        return None
+        return {}
 
 
 def print_plan(plan: dict[str, Any]) -> None:
