@@ -1,14 +1,22 @@
-"""DVC stage `train`: LoRA fine-tuning; writes the adapter, its provenance and the per-step loss log."""
+"""DVC stage `train`: fine-tuning; writes the adapter (or full model), its provenance and the per-step loss log.
+
+With `train.num_processes > 1` it relaunches itself under `accelerate launch`; there every rank trains and
+rank 0 alone writes the outputs and logs to MLflow."""
 
 from slmtune.outputs import staged_outputs
 from slmtune.stage import stage_main
-from slmtune.training import run_training
+from slmtune.training import is_main_process, launch_distributed, needs_launch, run_training
 
 
 @stage_main
 def main(config):
-    with staged_outputs(config.paths.adapter, config.paths.train_log) as (adapter_dir, log_path):
-        run_training(config, adapter_dir, log_path)
+    if needs_launch(config):
+        launch_distributed(config, __file__)
+    elif not is_main_process():
+        run_training(config, None, None)
+    else:
+        with staged_outputs(config.paths.adapter, config.paths.train_log) as (adapter_dir, log_path):
+            run_training(config, adapter_dir, log_path)
 
 
 if __name__ == "__main__":

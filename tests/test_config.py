@@ -21,7 +21,9 @@ def test_params_yaml_is_the_composition_of_conf(tmp_path):
     [(g, f.stem) for g in GROUPS for f in sorted((REPO / "conf" / g).glob("*.yaml"))],
 )
 def test_every_shipped_option_composes_and_validates(tmp_path, group, option):
-    config = compose_params(REPO, tmp_path / "params.yaml", [f"{group}={option}"])
+    # classification needs labelled data and labelled data a classifier: such options go in pairs
+    partner = {("model", "distilbert"): ["data=sentiment"], ("data", "sentiment"): ["model.task=classification"]}
+    config = compose_params(REPO, tmp_path / "params.yaml", [f"{group}={option}", *partner.get((group, option), [])])
     assert isinstance(config, Config)
 
 
@@ -90,7 +92,7 @@ def with_source(**source):
     [
         ({"path": "elsewhere/kb.csv"}, r"data\.sources\.kb\.path 'elsewhere/kb\.csv' is outside data/raw/"),
         ({"path": "data/raw/../kb.csv"}, r"is outside data/raw/"),
-        ({"kind": "table"}, r"data\.sources\.kb\.kind must be one of instruction, chat, text, not 'table'"),
+        ({"kind": "table"}, r"data\.sources\.kb\.kind must be one of instruction, chat, text, label, not 'table'"),
         ({"format": "xlsx"}, r"data\.sources\.kb\.format must be one of"),
         ({"split": "dev"}, r"data\.sources\.kb\.split must be one of train, val, test"),
         ({"weight": 0}, r"data\.sources\.kb\.weight must be above 0"),

@@ -45,7 +45,9 @@ class PathsConfig:
     length_plot: str = "reports/data_lengths.png"
     """Histogram of token lengths per split."""
     adapter: str = "models/adapter"
-    """The trained PEFT adapter with its provenance."""
+    """The trained PEFT adapter (or, for full fine-tuning, the whole model) with its provenance."""
+    checkpoints: str = "checkpoints/train"
+    """Training checkpoints of the current run (not a DVC output); a killed train stage resumes from them."""
     train_log: str = "reports/train_log.csv"
     """Per-step training loss and learning rate (DVC plots)."""
     metrics: str = "reports/metrics.json"
@@ -74,14 +76,18 @@ class ModelConfig:
     """Allow model code from the hub; off unless you trust the repository."""
     dtype: str = "float32"
     """Weights dtype written to `models/base` and used for training (float32 on CPU)."""
+    task: str = "causal_lm"
+    """causal_lm: next-token loss (instructions, chat, raw text for continued pre-training);
+    classification: text -> label with a sequence-classification head (sources of kind label)."""
 
 
 SOURCE_FORMATS = ("auto", "csv", "jsonl", "json", "parquet", "txt", "disk", "hub")
-SOURCE_KINDS = ("instruction", "chat", "text")
+SOURCE_KINDS = ("instruction", "chat", "text", "label")
 KIND_FIELDS = {
     "instruction": ("instruction", "input", "output", "system", "category"),
     "chat": ("messages", "system", "category"),
     "text": ("text", "category"),
+    "label": ("text", "label", "category"),
 }
 SPLIT_NAMES = ("train", "val", "test")
 TEMPLATES = ("auto", "chat", "alpaca", "tags", "custom")
@@ -96,7 +102,8 @@ class SourceConfig:
     format: str = "auto"
     """csv, jsonl, json, parquet, txt, disk (a `datasets` save_to_disk folder) or hub; auto picks from the suffix."""
     kind: str = "instruction"
-    """Record shape: instruction (instruction/input/output), chat (a list of turns) or text (raw text, every token trained)."""
+    """Record shape: instruction (instruction/input/output), chat (a list of turns), text (raw text, every token
+    trained) or label (text and its class, for model.task=classification)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Record field -> column in this source (e.g. instruction: question); unmapped fields use their own name."""
     instruction: Optional[str] = None
@@ -139,22 +146,44 @@ class DataConfig:
     """Also compute the loss on prompt tokens (default: assistant tokens only)."""
 
 
+METHOD_ADAPTERS = ("lora", "none")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+TASKS = ("causal_lm", "classification")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 @dataclass
 class MethodConfig:
-    """The fine-tuning method: LoRA through peft."""
+    """The fine-tuning method (presets in conf/method/): LoRA and its variants through peft, or full fine-tuning."""
 
     name: str = "lora"
-    """Method name."""
+    """Preset name, recorded with the run (lora, qlora, lora_8bit, full, dora, rslora)."""
+    adapter: str = "lora"
+    """lora: train low-rank adapters on a frozen base; none: full fine-tuning (every weight trains)."""
+    quantization: str = "none"
+    """Load the frozen base in 4bit (bitsandbytes NF4/FP4, QLoRA) or 8bit (LLM.int8); none keeps model.dtype."""
+    bnb_4bit_quant_type: str = "nf4"
+    """4-bit data type: nf4 (NormalFloat, the QLoRA paper's) or fp4."""
+    bnb_4bit_use_double_quant: bool = True
+    """Quantise the quantisation constants too (saves about 0.4 bits per parameter)."""
+    bnb_4bit_compute_dtype: str = "float32"
+    """dtype the 4-bit weights are dequantised to for matmuls (bfloat16 on GPUs that have it, float32 on CPU)."""
     r: int = 16
     """LoRA rank."""
     alpha: int = 32
-    """LoRA scaling numerator (scale = alpha / r)."""
+    """LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with use_rslora)."""
     dropout: float = 0.05
     """Dropout on the LoRA input."""
     target_modules: Optional[list[str]] = None
-    """Module names to adapt; null picks the architecture's attention and MLP projections."""
+    """Module names to adapt; null picks the architecture's attention and MLP projections; [all-linear] every linear layer."""
     bias: str = "none"
     """Which biases train: none, all or lora_only."""
+    use_dora: bool = False
+    """DoRA: split each adapted weight into magnitude and direction, train the magnitude and LoRA on the direction."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r), so that higher ranks keep learning."""
+    modules_to_save: Optional[list[str]] = None
+    """Extra modules trained in full and saved with the adapter (classification: the head, picked automatically)."""
 
 
 @dataclass
@@ -168,21 +197,43 @@ class TrainConfig:
     learning_rate: float = 1e-3
     """Peak learning rate."""
     lr_scheduler: str = "cosine"
-    """transformers scheduler name: linear, cosine, constant..."""
+    """transformers scheduler name: linear, cosine, constant, constant_with_warmup..."""
     warmup_ratio: float = 0.05
     """Share of steps spent warming up the learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     batch_size: int = 8
-    """Examples per device per step."""
+    """Examples per device (per process) per step."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per optimiser step."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    precision: str = "auto"
+    """auto (bf16 on GPUs that support it, else fp32), fp32, bf16 or fp16 mixed precision."""
+    group_by_length: bool = True
+    """Batch examples of similar length, so that padding to the longest in a batch wastes little."""
+    packing: bool = False
+    """Padding-free batches: each batch's examples are concatenated into one row with restarting positions, no pad token."""
     seed: int = 42
     """Seed for weight init, dropout and data order."""
     logging_steps: int = 1
     """Log the training loss every N steps."""
     eval_steps: int = 10
     """Compute the validation loss every N steps."""
+    save_steps: int = 50
+    """Write a checkpoint every N steps (to paths.checkpoints), from which a killed run resumes; 0: never."""
+    save_total_limit: int = 2
+    """Checkpoints kept (the oldest are deleted); the best one is also kept when early stopping."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without a better validation loss and keep the best weights; 0: off."""
+    early_stopping_threshold: float = 0.0
+    """Smallest drop of validation loss that counts as better."""
+    num_processes: int = 1
+    """Data-parallel processes; above 1 the train stage runs under `accelerate launch` (DDP)."""
+    accelerate_config: Optional[str] = None
+    """An `accelerate` config file (multi-GPU, multi-node, FSDP) passed to `accelerate launch`."""
+    monitor_memory: bool = False
+    """Log process RSS (and CUDA memory) at load, after model preparation and at every logging step."""
 
 
 @dataclass
@@ -245,6 +296,7 @@ def _check_values(config: Config, source: str) -> None:
             f"(got {data.val_fraction} + {data.test_fraction})."
         )
     _one_of(source, "data.on_invalid", data.on_invalid, ("fail", "skip"))
+    _check_training(config, source)
     _one_of(source, "data.template", data.template, TEMPLATES)
     if data.template == "custom" and not data.chat_template:
         raise ConfigError(f"{source}: data.template=custom needs data.chat_template (a Jinja chat template).")
@@ -252,6 +304,40 @@ def _check_values(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: data.sources is empty; add at least one source.")
     for name, src in data.sources.items():
         _check_source(f"data.sources.{name}", src, config.paths.raw_data, source)
+
+
+def _check_training(config: Config, source: str) -> None:
+    method, train = config.method, config.train
+    _one_of(source, "method.adapter", method.adapter, METHOD_ADAPTERS)
+    _one_of(source, "method.quantization", method.quantization, QUANTIZATIONS)
+    _one_of(source, "method.bnb_4bit_quant_type", method.bnb_4bit_quant_type, ("nf4", "fp4"))
+    _one_of(source, "method.bias", method.bias, ("none", "all", "lora_only"))
+    _one_of(source, "model.task", config.model.task, TASKS)
+    _one_of(source, "train.precision", train.precision, PRECISIONS)
+    if method.adapter == "none" and method.quantization != "none":
+        raise ConfigError(
+            f"{source}: method.quantization={method.quantization} needs method.adapter=lora "
+            "(quantised weights cannot be trained directly; QLoRA trains adapters on them)."
+        )
+    if method.adapter == "lora" and method.r < 1:
+        raise ConfigError(f"{source}: method.r must be at least 1 (got {method.r}).")
+    for key in ("batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "num_processes"):
+        if getattr(train, key) < 1:
+            raise ConfigError(f"{source}: train.{key} must be at least 1 (got {getattr(train, key)}).")
+    if train.save_steps < 0 or train.save_total_limit < 1:
+        raise ConfigError(f"{source}: train.save_steps must be >= 0 and train.save_total_limit >= 1.")
+    if train.early_stopping_patience > 0 and (train.save_steps == 0 or train.save_steps % train.eval_steps):
+        raise ConfigError(
+            f"{source}: early stopping keeps the best checkpoint, so train.save_steps ({train.save_steps}) must be "
+            f"a positive multiple of train.eval_steps ({train.eval_steps})."
+        )
+    kinds = {name: src.kind for name, src in config.data.sources.items()}
+    wrong = sorted(name for name, kind in kinds.items() if (kind == "label") != (config.model.task == "classification"))
+    if wrong:
+        need = "kind: label" if config.model.task == "classification" else "kind instruction, chat or text"
+        raise ConfigError(f"{source}: model.task={config.model.task} needs sources of {need}; data.sources.{wrong[0]} is kind {kinds[wrong[0]]}.")
+    if train.packing and config.model.task != "causal_lm":
+        raise ConfigError(f"{source}: train.packing works for model.task=causal_lm only; set train.packing=false.")
 
 
 def _one_of(source: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:

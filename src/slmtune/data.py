@@ -28,7 +28,7 @@ ROLE_ALIASES = {
     "model": "assistant",
 }
 TAG = re.compile(r"<\|(system|user|assistant)\|>")
-REQUIRED = {"instruction": ("instruction", "output"), "chat": ("messages",), "text": ("text",)}
+REQUIRED = {"instruction": ("instruction", "output"), "chat": ("messages",), "text": ("text",), "label": ("text", "label")}
 
 class RowProblem(Exception):
     """Raised while normalising one row; becomes a `Problem`."""
@@ -58,6 +58,14 @@ def _text(values: dict[str, Any], column: str, required: bool) -> str:
     if required and not value:
         raise RowProblem("empty field", f"column '{column}' is empty")
     return value
+
+
+def _label(values: dict[str, Any], column: str) -> str:
+    """A class label: text, or an integer class id (kept as its decimal text)."""
+    value = values.get(column)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _text(values, column, True)
 
 
 def parse_tagged(text: str) -> list[dict[str, str]]:
@@ -144,8 +152,10 @@ def row_to_record(row: Row, source: SourceConfig, origin: str) -> dict[str, Any]
     """A validated record of one row; raises RowProblem."""
     record: dict[str, Any] = {"source": row.location, "origin": origin}
     record["category"] = _text(row.values, column_of(source, "category"), False)
-    if source.kind == "text":
+    if source.kind in ("text", "label"):
         record["text"] = _text(row.values, column_of(source, "text"), True)
+        if source.kind == "label":
+            record["label"] = _label(row.values, column_of(source, "label"))
     elif source.kind == "chat":
         record["messages"] = _chat_turns(row.values, source)
     else:

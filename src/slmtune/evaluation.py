@@ -1,4 +1,5 @@
-"""Base vs tuned on the test split: loss, perplexity, greedy answers, ROUGE-L and contains-match."""
+"""Base vs tuned on the test split: loss, perplexity, greedy answers, ROUGE-L and contains-match; for
+classification, accuracy, macro F1 and loss."""
 
 from __future__ import annotations
 
@@ -91,13 +92,47 @@ def question_text(record: dict[str, Any]) -> str:
     return user["content"] + (f" — {user['input']}" if user.get("input") else "")
 
 
-def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Score the base model and base + adapter on the test split."""
-    from datasets import load_from_disk
+def is_adapter(path: str | Path) -> bool:
+    """A peft adapter folder (else a full fine-tuned model folder)."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def base_model(config: Config, labels: list[str] | None, pad_token_id: int) -> Any:
+    """The base model as training started from it: quantised like the method loads it; a classifier's new
+    head initialised from the training seed (so that "base" scores the head training began with)."""
+    from transformers import set_seed
+
+    from .modeling import load_model
+
+    set_seed(config.train.seed)
+    return load_model(config.paths.base_model, config.model.dtype, config.method, labels, pad_token_id)
+
+
+def score_base_and_tuned(config: Config, labels: list[str] | None, pad_token_id: int, score: Any) -> tuple[Any, Any]:
+    """`score(model)` for the tuned model, then for the base: one model with the adapter switched off,
+    or (full fine-tuning) the saved model and the base loaded in turn."""
     from peft import PeftModel
 
-    from .modeling import load_model, load_tokenizer
+    from .modeling import load_model
 
+    adapter = config.paths.adapter
+    if is_adapter(adapter):
+        model = PeftModel.from_pretrained(base_model(config, labels, pad_token_id), adapter)
+        tuned = score(model)
+        with model.disable_adapter():
+            return score(model), tuned
+    tuned = score(load_model(adapter, config.model.dtype, None, labels, pad_token_id))
+    return score(base_model(config, labels, pad_token_id)), tuned
+
+
+def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score the base model and base + adapter (or the fully fine-tuned model) on the test split."""
+    from datasets import load_from_disk
+
+    from .modeling import load_tokenizer
+
+    if config.model.task == "classification":
+        return evaluate_classifier(config)
     tokenizer = load_tokenizer(config.paths.base_model)
     test_tokens = load_from_disk(config.paths.tokenized)["test"]
     kept = set(test_tokens["source"])
@@ -110,11 +145,9 @@ def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[s
         references.append(reference)
     test_tokens = test_tokens.select_columns(["input_ids", "labels"])
 
-    model = PeftModel.from_pretrained(load_model(config.paths.base_model, config.model.dtype), config.paths.adapter)
-    tuned, tuned_details = score_model(model, tokenizer, config, test_tokens, prompt_ids, references)
-    with model.disable_adapter():
-        base, base_details = score_model(model, tokenizer, config, test_tokens, prompt_ids, references)
-
+    (base, base_details), (tuned, tuned_details) = score_base_and_tuned(
+        config, None, tokenizer.pad_token_id, lambda model: score_model(model, tokenizer, config, test_tokens, prompt_ids, references)
+    )
     metrics = {"base": base, "tuned": tuned, "test_examples": len(records)}
     generations = [
         {
@@ -135,6 +168,65 @@ def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[s
     return metrics, generations
 
 
+@torch.no_grad()
+def classify(model: Any, tokenizer: Any, dataset: Any, batch_size: int) -> tuple[list[int], float]:
+    """Predicted class index per example and the mean cross-entropy against the true classes."""
+    from transformers import DataCollatorWithPadding
+
+    collator = DataCollatorWithPadding(tokenizer, padding="longest")
+    model.eval()
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset]
+    predictions, total = [], 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = collator(rows[start : start + batch_size])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        total += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+        predictions += logits.argmax(-1).tolist()
+    return predictions, total / max(len(rows), 1)
+
+
+def evaluate_classifier(config: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Accuracy, macro F1 and loss of the base classifier (its untrained head) and the tuned one on the test split."""
+    import json
+
+    import evaluate
+    from datasets import load_from_disk
+
+    from .modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(config.paths.base_model)
+    labels = json.loads(Path(config.paths.token_stats).read_text(encoding="utf-8"))["labels"]
+    test = load_from_disk(config.paths.tokenized)["test"]
+    by_source = {r["source"]: r for r in read_jsonl(Path(config.paths.prepared) / "test.jsonl")}
+    records = [by_source[source] for source in test["source"]]
+    references = [labels[i] for i in test["labels"]]
+    metric = evaluate.load(str(METRICS_DIR / "classification"))
+
+    def score(model: Any) -> tuple[dict[str, float], list[str]]:
+        indices, loss = classify(model, tokenizer, test, config.eval.batch_size)
+        predicted = [labels[i] for i in indices]
+        result = metric.compute(predictions=predicted, references=references)
+        return {"accuracy": result["accuracy"], "f1": result["f1"], "loss": loss}, predicted
+
+    (base, base_predicted), (tuned, tuned_predicted) = score_base_and_tuned(config, labels, tokenizer.pad_token_id, score)
+    metrics = {"base": base, "tuned": tuned, "test_examples": len(records), "labels": labels}
+    generations = [
+        {
+            "source": record["source"],
+            "prompt": record["text"],
+            "question": question_text(record),
+            "category": record.get("category", ""),
+            "reference": reference,
+            "base": base_predicted[i],
+            "tuned": tuned_predicted[i],
+            "base_correct": int(base_predicted[i] == reference),
+            "tuned_correct": int(tuned_predicted[i] == reference),
+        }
+        for i, (record, reference) in enumerate(zip(records, references))
+    ]
+    return metrics, generations
+
+
 def run_evaluation(config: Config, metrics_path: Path, generations_path: Path) -> dict[str, Any]:
     """The evaluate stage: score both models, log them to this execution's MLflow run, write metrics
     (with that run's id, so that `dvc exp show` links each experiment to its run) and generations."""
@@ -144,7 +236,7 @@ def run_evaluation(config: Config, metrics_path: Path, generations_path: Path) -
     adapter_run_id = read_provenance(config.paths.adapter)["mlflow"]["run_id"]
     with evaluation_run(config.tracking, adapter_run_id, config_to_dict(config)) as run:
         for model_name in ("base", "tuned"):
-            mlflow.log_metrics({f"test/{model_name}/{k}": v for k, v in metrics[model_name].items()})
+            mlflow.log_metrics({f"test/{model_name}/{k}": v for k, v in metrics[model_name].items() if isinstance(v, (int, float))})
         metrics["mlflow_run_id"] = run.info.run_id
         write_json(metrics_path, metrics)
         write_jsonl(generations_path, generations)

@@ -84,9 +84,13 @@ def _offline() -> bool:
 
 
 def load_source_model(model: ModelConfig) -> tuple[Any, Any]:
-    """Load model and tokenizer from their configured source; a GGUF file is dequantised here."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    """Load model and tokenizer from their configured source; a GGUF file is dequantised here.
 
+    Causal LMs keep their LM head; for classification the bare backbone is kept (the classification
+    head is created for the data's classes at training time)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    auto_class = AutoModelForCausalLM if model.task == "causal_lm" else AutoModel
     resolved = resolve_source(model)
     kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
     if model.revision and not resolved.is_local:
@@ -97,7 +101,7 @@ def load_source_model(model: ModelConfig) -> tuple[Any, Any]:
         model_kwargs.update(gguf_file=resolved.gguf_file, quantization_config=GgufConfig(dequantize=True))
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(resolved.location, **model_kwargs)
+        loaded = auto_class.from_pretrained(resolved.location, **model_kwargs)
     except OSError as exc:
         if not resolved.is_local and _offline():
             raise ModelSourceError(
@@ -130,11 +134,40 @@ def load_tokenizer(path: str | Path) -> Any:
     return tokenizer
 
 
-def load_model(path: str | Path, dtype: str = "float32") -> Any:
-    """A materialised causal LM (`models/base` or any local folder)."""
-    from transformers import AutoModelForCausalLM
+def quantization_config(method: Any) -> Any:
+    """bitsandbytes settings for `method.quantization` (4bit: QLoRA's NF4 + double quantisation), or None."""
+    from transformers import BitsAndBytesConfig
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    if method is None or method.quantization == "none":
+        return None
+    if method.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=method.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, method.bnb_4bit_compute_dtype),
+    )
+
+
+def load_model(path: str | Path, dtype: str = "float32", method: Any = None, labels: list[str] | None = None,
+               pad_token_id: int | None = None) -> Any:  # fmt: skip
+    """A materialised model (`models/base` or any local folder): a causal LM, or with `labels` a sequence
+    classifier for those classes; quantised on load when `method.quantization` says so."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    quantization = quantization_config(method)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if labels is None:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}, **kwargs
+    )
+    if pad_token_id is not None:  # decoder classifiers read the last non-pad token
+        model.config.pad_token_id = pad_token_id
+    return model
 
 
 def default_target_modules(model: Any) -> list[str] | str:
@@ -142,11 +175,23 @@ def default_target_modules(model: Any) -> list[str] | str:
     return TARGET_MODULES.get(model.config.model_type, "all-linear")
 
 
+def head_modules(model: Any) -> list[str]:
+    """A sequence classifier's new layers (top-level modules with weights outside the pretrained backbone),
+    e.g. DistilBERT's pre_classifier and classifier, Llama's score."""
+    prefix = model.base_model_prefix
+    return [name for name, module in model.named_children() if name != prefix and any(True for _ in module.parameters())]
+
+
 def parameter_counts(model: Any) -> dict[str, int]:
-    """Trainable and total parameter counts."""
+    """Trainable and total parameter counts (a 4-bit weight counts as its number of parameters, not bytes)."""
+
+    def numel(p: Any) -> int:
+        packed = getattr(p, "quant_state", None)
+        return int(torch.Size(packed.shape).numel()) if packed is not None else p.numel()
+
     return {
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "total": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(numel(p) for p in model.parameters() if p.requires_grad),
+        "total": sum(numel(p) for p in model.parameters()),
     }
 
 

@@ -209,6 +209,36 @@ def padding_collator(tokenizer: Any) -> Any:
     return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
 
 
+def label_names(records: list[dict[str, Any]]) -> list[str]:
+    """The classes of a training split in a fixed order (numerically when every label is a number)."""
+    labels = {r["label"] for r in records}
+    return sorted(labels, key=int) if all(label.lstrip("-").isdigit() for label in labels) else sorted(labels)
+
+
+def classification_examples(records: list[dict[str, Any]], data: Any, tokenizer: Any, labels: list[str], issues: Any) -> list[Example]:
+    """Text -> token ids, with the class index as the only label; unseen classes and too-long texts go to `issues`."""
+    from .formats import Problem
+
+    index = {name: i for i, name in enumerate(labels)}
+    examples, problems = [], []
+    for record in records:
+        if record["label"] not in index:
+            problems.append(Problem(record["source"], "unknown label", f"{record['source']}: label '{record['label']}' does not occur "
+                                    f"in the training split (classes: {', '.join(labels)}); fix the label or add training rows for it."))  # fmt: skip
+            continue
+        ids = tokenizer(record["text"])["input_ids"]
+        example = Example(ids, [index[record["label"]]], False, record["source"])
+        if len(ids) > data.max_length:
+            if not data.truncate:
+                problems.append(Problem(record["source"], "too long", f"{record['source']}: {len(ids)} tokens, longer than "
+                                        f"data.max_length={data.max_length}. Raise data.max_length, set data.truncate=true, or set data.on_invalid=skip to drop it."))  # fmt: skip
+                continue
+            example = Example(ids[: data.max_length], example.labels, True, record["source"])
+        examples.append(example)
+    issues.add(problems)
+    return examples
+
+
 def tokenize_split(records: list[dict[str, Any]], data: Any, tokenizer: Any, issues: Any) -> list[Example]:
     """Conversations one by one (too-long ones go to `issues`), then the split's raw text in chunks."""
     from .formats import Problem
@@ -268,13 +298,21 @@ def run_tokenize(config: Any, tokenized_dir: Path, stats_path: Path, report_path
     data = config.data
     tokenizer = load_tokenizer(config.paths.base_model)
     issues = Issues(data.on_invalid)
-    template = resolve_template(data.template, tokenizer)
+    classify = config.model.task == "classification"
+    records = {name: read_jsonl(Path(config.paths.prepared) / f"{name}.jsonl") for name in SPLIT_NAMES}
+    template = "none (classification)" if classify else resolve_template(data.template, tokenizer)
     splits, stats = {}, {"template": template, "max_length": data.max_length, "splits": {}}
+    if classify:
+        stats["labels"] = label_names(records["train"])
     lengths = {}
     for name in SPLIT_NAMES:
-        examples = tokenize_split(read_jsonl(Path(config.paths.prepared) / f"{name}.jsonl"), data, tokenizer, issues)
+        if classify:
+            examples = classification_examples(records[name], data, tokenizer, stats["labels"], issues)
+        else:
+            examples = tokenize_split(records[name], data, tokenizer, issues)
         splits[name] = Dataset.from_dict(
-            {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples],
+            {"input_ids": [e.input_ids for e in examples],
+             "labels": [e.labels[0] if classify else e.labels for e in examples],
              "source": [e.source for e in examples]}  # fmt: skip
         )
         stats["splits"][name] = length_stats(examples)

@@ -19,6 +19,11 @@ METRIC_ROWS = (
     ("rougeL", "ROUGE-L F1", "higher"),
     ("contains", "Contains reference", "higher"),
 )
+CLASSIFICATION_ROWS = (
+    ("accuracy", "Accuracy", "higher"),
+    ("f1", "Macro F1", "higher"),
+    ("loss", "Test loss (cross-entropy)", "lower"),
+)
 
 
 def _quote(text: str) -> str:
@@ -28,14 +33,26 @@ def _quote(text: str) -> str:
 def metrics_table(metrics: dict[str, Any]) -> str:
     """Markdown table of base vs tuned metrics with the change."""
     lines = ["| metric | base | tuned | change | better |", "|---|---:|---:|---:|---|"]
-    for key, label, better in METRIC_ROWS:
+    for key, label, better in CLASSIFICATION_ROWS if "accuracy" in metrics["base"] else METRIC_ROWS:
         base, tuned = metrics["base"][key], metrics["tuned"][key]
         lines.append(f"| {label} | {base:.4f} | {tuned:.4f} | {tuned - base:+.4f} | {better} |")
     return "\n".join(lines)
 
 
+def predictions_section(generations: list[dict[str, Any]]) -> str:
+    """Classification: each test text with its label and both models' predictions."""
+    lines = ["| # | text | label | base | tuned |", "|---:|---|---|---|---|"]
+    for number, row in enumerate(generations, start=1):
+        text = row["question"].replace("|", "\\|")
+        marks = {name: ("✓" if row[f"{name}_correct"] else "✗") for name in ("base", "tuned")}
+        lines.append(f"| {number} | {text} | {row['reference']} | {row['base']} {marks['base']} | {row['tuned']} {marks['tuned']} |")
+    return "\n".join(lines) + "\n"
+
+
 def answers_section(generations: list[dict[str, Any]]) -> str:
-    """Each test prompt with its reference and both answers."""
+    """Each test prompt with its reference and both answers (classification: a table of predictions)."""
+    if generations and "base_correct" in generations[0]:
+        return predictions_section(generations)
     parts = []
     for number, row in enumerate(generations, start=1):
         parts.append(
@@ -78,8 +95,8 @@ def render_report(
     source_list = ", ".join(f"`{source['path']}`" for source in params["data"]["sources"].values())
     return (
         "# Before and after fine-tuning\n\n"
-        f"Model `{params['model']['source']}`, method {params['method']['name']} "
-        f"(r={params['method']['r']}), data {source_list}, "
+        f"Model `{params['model']['source']}` ({params['model'].get('task', 'causal_lm')}), method {params['method']['name']}"
+        f"{'' if params['method'].get('adapter') == 'none' else ' (r=' + str(params['method']['r']) + ')'}, data {source_list}, "
         f"{metrics['test_examples']} test prompts.\n\n"
         f"## Metrics\n\n{metrics_table(metrics)}\n\n"
         f"## Answers\n\n{answers_section(generations)}\n"

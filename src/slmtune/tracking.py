@@ -125,10 +125,11 @@ def mlflow_run(
 
 
 @contextmanager
-def pipeline_run(tracking: TrackingConfig, stage: str, system_metrics: bool = False) -> Iterator[Any]:
-    """The run of this pipeline execution for `train`: the sweep's scheduled run, else a new one."""
+def pipeline_run(tracking: TrackingConfig, stage: str, system_metrics: bool = False, resume_run_id: str | None = None) -> Iterator[Any]:
+    """The run of this pipeline execution for `train`: the interrupted run it resumes, the sweep's
+    scheduled run, else a new one."""
     tags = experiment_tags()
-    run_id = scheduled_run_id(open_store(tracking), tags)
+    run_id = resume_run_id or scheduled_run_id(open_store(tracking), tags)
     name = tags[EXP_NAME_TAG] if tags[EXP_NAME_TAG] != WORKSPACE else "pipeline"
     with mlflow_run(tracking, run_id=run_id, run_name=name, tags=tags | {"slmtune.stage": stage}, system_metrics=system_metrics) as run:
         yield run
