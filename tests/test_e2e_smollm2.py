@@ -28,6 +28,18 @@ def test_smollm2_pipeline_lowers_test_loss_for_every_main_data_format(tmp_path: 
     assert config["model_type"] == "llama" and "quantization_config" not in config
     assert (project / "models/base/model.safetensors").is_file()
 
+    # QLoRA (4-bit NF4 base, bitsandbytes on this CPU) and full fine-tuning on the real model
+    for method, extra in (("qlora", []), ("full", ["train.learning_rate=1e-4"])):
+        run(["slmtune", "params", f"method={method}", *SMALL_RUN, *extra], project)
+        result = run(["dvc", "repro"], project)
+        assert "Running stage 'tokenize'" not in result.stdout and "Running stage 'train'" in result.stdout, method
+        metrics = json.loads((project / "reports/metrics.json").read_text())
+        assert metrics["tuned"]["loss"] < metrics["base"]["loss"], (method, metrics)
+        provenance = json.loads((project / "models/adapter/provenance.json").read_text())
+        assert provenance["config"]["method"]["name"] == method and provenance["metrics"]["memory/peak_rss_mb"] > 0
+        counts = provenance["parameters"]
+        assert (counts["trainable"] == counts["total"]) == (method == "full")
+
     for preset in MORE_FORMATS:
         run(["slmtune", "params", f"data={preset}", *SMALL_RUN], project)
         result = run(["dvc", "repro"], project)

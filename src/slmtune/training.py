@@ -290,7 +290,7 @@ def save_adapter(model: Any, tokenizer: Any, adapter_dir: Path) -> None:
     adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
     for key in ("target_modules", "modules_to_save"):
         if isinstance(adapter_config.get(key), list):
-            adapter_config[key] = sorted(adapter_config[key])
+            adapter_config[key] = sorted(set(adapter_config[key]))
     write_json(config_path, adapter_config)
 
 
