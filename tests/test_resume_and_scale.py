@@ -78,17 +78,46 @@ def test_stale_checkpoints_of_another_config_are_not_resumed(tmp_path, tiny_mode
     assert not json.loads((project / "models/adapter/provenance.json").read_text())["resumed"]
 
 
+def validation_loss(project: Path, base: Path, adapter: bool = True) -> float:
+    from datasets import load_from_disk
+    from peft import PeftModel
+
+    from slmtune.evaluation import response_loss
+    from slmtune.modeling import load_model, load_tokenizer
+
+    model = load_model(base)
+    if adapter:
+        model = PeftModel.from_pretrained(model, project / "models/adapter")
+    val = load_from_disk(str(project / "data/tokenized"))["val"].select_columns(["input_ids", "labels"])
+    return response_loss(model, load_tokenizer(base), val, 8)
+
+
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_model_dir):
-    """DDP over gloo: 2 processes x 4 examples vs 1 process x 8, same data order (no length grouping, no dropout)."""
+    """DDP over gloo: 2 processes x n/2 examples vs 1 process x n. The global batch is the whole training split,
+    so that both see the same examples at every step whatever order each sampler draws (no dropout)."""
+    from datasets import load_from_disk
+
+    from slmtune.config import compose_params
+
     common = [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES, "train.max_steps=6",
-              "train.group_by_length=false", "method.dropout=0.0", "train.save_steps=0"]  # fmt: skip
-    one = make_project(tmp_path / "one", [*common, "train.batch_size=8"])
-    two = make_project(tmp_path / "two", [*common, "train.batch_size=4", "train.num_processes=2"])
+              "method.dropout=0.0", "train.save_steps=0"]  # fmt: skip
+    one = make_project(tmp_path / "one", common)
+    run(["dvc", "repro", "tokenize"], one)
+    n = len(load_from_disk(str(one / "data/tokenized"))["train"])
+    assert n % 2 == 0
+    compose_params(one, one / "params.yaml", [*common, f"train.batch_size={n}"])
+    two = make_project(tmp_path / "two", [*common, f"train.batch_size={n // 2}", "train.num_processes=2"])
     run(["dvc", "repro", "train"], one)
     launched = run(["dvc", "repro", "train"], two)
     assert "accelerate.commands.launch --num_processes 2" in launched.stdout + launched.stderr
     assert [s for s, _ in losses(one)] == [s for s, _ in losses(two)] == list(range(1, 7))
+    # The logged loss of 2 processes is the mean of their two halves (the gradient is token-weighted, as in one
+    # process), so per-step figures agree to 1e-3. The final models are compared on one footing: the loss of
+    # each saved adapter on the validation split, computed in this process.
     for (_, a), (_, b) in zip(losses(one), losses(two)):
-        assert b == pytest.approx(a, rel=1e-4)
-    metrics = [json.loads((p / "models/adapter/provenance.json").read_text())["metrics"] for p in (one, two)]
-    assert metrics[1]["val_loss"] == pytest.approx(metrics[0]["val_loss"], rel=1e-4)
+        assert b == pytest.approx(a, rel=1e-3)
+    # Adam's first steps are about lr x sign(gradient), so float-order differences of the all-reduce show
+    # up in the weights: the two final losses must agree to within 5% of what training gained.
+    final = [validation_loss(p, tiny_model_dir) for p in (one, two)]
+    gained = validation_loss(one, tiny_model_dir, adapter=False) - final[0]
+    assert gained > 0 and abs(final[1] - final[0]) < 0.05 * gained
