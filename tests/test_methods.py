@@ -77,11 +77,22 @@ def _base_parameters(project: Path) -> int:
     return sum(p.numel() for p in load_model(project / "models/base").parameters())
 
 
-def test_target_modules_override(tokenized, tmp_path):
+def test_training_controls_target_modules_early_stopping_checkpointing_memory_monitor(tokenized, tmp_path):
+    import mlflow
+
     project = copy_project(tokenized, tmp_path)
-    repro(project, [*tiny_overrides(tokenized[1]), "method.target_modules=[q_proj,v_proj]", "method.r=4"])
+    out = repro(project, [*tiny_overrides(tokenized[1]), "method.target_modules=[q_proj,v_proj]", "method.r=4",
+                          "train.max_steps=30", "train.eval_steps=3", "train.save_steps=3", "train.early_stopping_patience=1",
+                          "train.early_stopping_threshold=10.0", "train.gradient_checkpointing=true",
+                          "train.gradient_accumulation_steps=2", "train.monitor_memory=true"])  # fmt: skip
     config = json.loads((project / "models/adapter/adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["r"] == 4
+    # no evaluation can improve by 10 nats: stopped at the second evaluation (step 6), not at max_steps
+    assert out["provenance"]["metrics"]["steps"] == 6
+    assert out["provenance"]["config"]["train"]["gradient_checkpointing"] is True
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    logged = mlflow.get_run(out["provenance"]["mlflow"]["run_id"]).data.metrics
+    assert {"memory/load/rss_mb", "memory/prepared/rss_mb", "memory/rss_mb", "memory/peak_rss_mb"} <= set(logged)
 
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "opt", "gpt2"])
