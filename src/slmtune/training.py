@@ -186,7 +186,7 @@ class MemoryMonitor:
         if step is None:
             self.moments.update({f"memory/{moment}/{k}": v for k, v in figures.items()})
             print(f"memory at {moment}: " + ", ".join(f"{k} {v:,.0f}" for k, v in figures.items()), flush=True)
-        elif is_main_process():
+        else:  # called by StepLog on rank 0 only
             import mlflow
 
             mlflow.log_metrics({f"memory/{k}": v for k, v in figures.items()}, step=step)
@@ -314,14 +314,13 @@ def log_data_figures(config: Config) -> None:
         mlflow.log_artifact(path, "data")
 
 
-def log_run_inputs(config: Config, counts: dict[str, int], digests: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def log_run_inputs(config: Config, counts: dict[str, int], digests: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Params, resolved config, git state, parameter counts, dataset digests and data figures of the
     active run; returns the provenance entries they came from (config, git, inputs, code)."""
     import mlflow
 
     resolved = config_to_dict(config)
     git = git_state()
-    digests = digests or input_digests(config)
     log_flat_params(resolved)
     mlflow.log_dict(resolved, "config/resolved.yaml")
     threads = torch.get_num_threads()  # float reductions, hence the last bits, depend on it
@@ -381,8 +380,9 @@ def launch_distributed(config: Config, script: str) -> None:
 
 def resume_fingerprint(config: Config, inputs: dict[str, dict[str, Any]]) -> str:
     """What a checkpoint must have been trained with to be resumed: the training settings and inputs."""
-    keys = {"model": [config.model.dtype, config.model.task], "method": config_to_dict(config)["method"],
-            "train": {k: v for k, v in config_to_dict(config)["train"].items() if k not in ("monitor_memory", "logging_steps")},
+    resolved = config_to_dict(config)
+    keys = {"model": [config.model.dtype, config.model.task], "method": resolved["method"],
+            "train": {k: v for k, v in resolved["train"].items() if k not in ("monitor_memory", "logging_steps")},
             "inputs": {name: entry["md5"] for name, entry in inputs.items()}}  # fmt: skip
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
