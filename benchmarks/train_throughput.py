@@ -121,7 +121,7 @@ def run_ours(config, tokenizer) -> dict:
     model = prepare_model(config, tokenizer, MemoryMonitor(False))
     mlflow.set_tracking_uri(f"sqlite:///{tempfile.mkdtemp()}/bench.db")
     with mlflow.start_run():
-        metrics = fit(config, model, tokenizer, splits, StepLog())
+        metrics, _ = fit(config, model, tokenizer, splits, StepLog())
     tokens = round(metrics["tokens_per_second"] * metrics["train_runtime_s"])
     counts = parameter_counts(model)
     base = counts["total"] if config.method.adapter == "none" else counts["total"] - counts["trainable"]

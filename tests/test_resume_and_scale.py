@@ -98,8 +98,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_
 
     from slmtune.config import compose_params
 
-    common = [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES, "train.max_steps=6",
-              "method.dropout=0.0", "train.save_steps=0"]  # fmt: skip
+    common = [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES, "train.max_steps=10",
+              "train.learning_rate=1e-2", "method.dropout=0.0", "train.save_steps=0"]  # fmt: skip
     one = make_project(tmp_path / "one", common)
     run(["dvc", "repro", "tokenize"], one)
     n = len(load_from_disk(str(one / "data/tokenized"))["train"])
@@ -109,14 +109,16 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_
     run(["dvc", "repro", "train"], one)
     launched = run(["dvc", "repro", "train"], two)
     assert "accelerate.commands.launch --num_processes 2" in launched.stdout + launched.stderr
-    assert [s for s, _ in losses(one)] == [s for s, _ in losses(two)] == list(range(1, 7))
-    # The logged loss of 2 processes is the mean of their two halves (the gradient is token-weighted, as in one
-    # process), so per-step figures agree to 1e-3. The final models are compared on one footing: the loss of
-    # each saved adapter on the validation split, computed in this process.
+    assert [s for s, _ in losses(one)] == [s for s, _ in losses(two)] == list(range(1, 11))
+    # The gradient is token-weighted across both processes (the Trainer gathers the label count), so the two
+    # runs differ by float summation order only. Two processes each training alone on all the data (what
+    # torchrun without ACCELERATE_USE_CPU gave) differ in the LoRA B weights by ~25% and in the logged loss
+    # from step 1 (each step an epoch of two batches).
     for (_, a), (_, b) in zip(losses(one), losses(two)):
-        assert b == pytest.approx(a, rel=1e-3)
-    # Adam's first steps are about lr x sign(gradient), so float-order differences of the all-reduce show
-    # up in the weights: the two final losses must agree to within 5% of what training gained.
+        assert b == pytest.approx(a, rel=1e-5)
+    ours, theirs = adapter_weights(two), adapter_weights(one)
+    for name in ours:
+        assert ours[name].allclose(theirs[name], rtol=1e-3, atol=1e-6), name
     final = [validation_loss(p, tiny_model_dir) for p in (one, two)]
     gained = validation_loss(one, tiny_model_dir, adapter=False) - final[0]
-    assert gained > 0 and abs(final[1] - final[0]) < 0.05 * gained
+    assert gained > 0.05 and final[1] == pytest.approx(final[0], abs=1e-3 * gained)

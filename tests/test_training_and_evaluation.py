@@ -58,7 +58,7 @@ def test_lora_training_moves_every_adapter_weight_and_no_base_weight(tiny_model_
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log_system_metrics=False)
     step_log = StepLog()
     with mlflow_run(tracking) as run:
-        metrics = fit(config, model, tiny_tokenizer, splits_for(records, tiny_tokenizer), step_log)
+        metrics, _ = fit(config, model, tiny_tokenizer, splits_for(records, tiny_tokenizer), step_log)
     for name, param in model.named_parameters():
         changed = not torch.equal(before[name], param.detach())
         assert changed == param.requires_grad, f"{name}: changed={changed}, trainable={param.requires_grad}"

@@ -244,22 +244,30 @@ def build_trainer(config: Config, model: Any, tokenizer: Any, splits: Any, outpu
 
 
 def fit(config: Config, model: Any, tokenizer: Any, splits: Any, step_log: StepLog, output_dir: str | None = None,
-        resume: bool = False) -> dict[str, float]:  # fmt: skip
+        resume: bool = False) -> tuple[dict[str, float], dict | None]:  # fmt: skip
     """Train `model` in place on the tokenized splits, checkpointing into `output_dir` (a scratch folder
-    when None) and resuming from its last checkpoint with `resume`; return losses and throughput."""
+    when None) and resuming from its last checkpoint with `resume`; return losses and throughput, and after
+    FSDP training the full state dict gathered from the shards (else None)."""
     from transformers import set_seed
 
     set_seed(config.train.seed)
     with tempfile.TemporaryDirectory(prefix="slmtune-trainer-") as scratch:
         collator = make_collator(config, tokenizer)
         trainer = build_trainer(config, model, tokenizer, splits, output_dir or scratch, [step_log], collator)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if trainer.args.world_size != launched:
+            raise RuntimeError(f"{launched} processes were launched but the Trainer sees a world of "
+                               f"{trainer.args.world_size}: each would train alone on all the data. Launch through "
+                               "the train stage (train.num_processes) or set ACCELERATE_USE_CPU=true without a GPU.")  # fmt: skip
         result = trainer.train(resume_from_checkpoint=True if resume else None)
         runtime = float(result.metrics["train_runtime"])
         metrics = {"train_loss": float(result.training_loss), "steps": float(result.global_step),
                    "train_runtime_s": runtime, "tokens_per_second": collator.tokens / runtime if runtime else 0.0}  # fmt: skip
         if trainer.eval_dataset is not None:
             metrics["val_loss"] = float(trainer.evaluate()["eval_loss"])
-    return metrics
+        # Sharded (FSDP) weights: every rank joins in gathering the full state dict that rank 0 saves.
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
+    return metrics, state_dict
 
 
 def input_digests(config: Config) -> dict[str, dict[str, Any]]:
@@ -277,15 +285,16 @@ def input_digests(config: Config) -> dict[str, dict[str, Any]]:
     return digests
 
 
-def save_adapter(model: Any, tokenizer: Any, adapter_dir: Path) -> None:
+def save_adapter(model: Any, tokenizer: Any, adapter_dir: Path, state_dict: dict | None = None) -> None:
     """peft's adapter files, with `target_modules` in a fixed order (peft keeps a set, whose order
     follows the hash seed) so that the same training gives the same bytes. Full fine-tuning saves the
-    whole model and its tokenizer: a model folder that loads on its own."""
+    whole model and its tokenizer: a model folder that loads on its own. After FSDP training, `state_dict`
+    is the one `fit` gathered from the shards."""
     if not hasattr(model, "peft_config"):
-        model.save_pretrained(adapter_dir, safe_serialization=True)
+        model.save_pretrained(adapter_dir, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(adapter_dir)
         return
-    model.save_pretrained(adapter_dir)
+    model.save_pretrained(adapter_dir, state_dict=state_dict)
     config_path = adapter_dir / "adapter_config.json"
     adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
     for key in ("target_modules", "modules_to_save"):
@@ -348,13 +357,17 @@ def needs_launch(config: Config) -> bool:
     return config.train.num_processes > 1 and "RANK" not in os.environ
 
 
-def launch_command(config: Config, script: str) -> list[str]:
-    """`accelerate launch` of the train stage on `train.num_processes` processes: DDP over the GPUs (or,
-    without one, CPU processes over gloo); a given `train.accelerate_config` (multi-node, FSDP) decides the rest."""
+def launch_command(config: Config, script: str) -> tuple[list[str], dict[str, str]]:
+    """`accelerate launch` of the train stage on `train.num_processes` processes, and its environment: DDP
+    over the GPUs or, without one, CPU processes over gloo (torchrun alone would leave each CPU process
+    training on its own: accelerate needs ACCELERATE_USE_CPU to see them as one job); a given
+    `train.accelerate_config` (multi-node, FSDP) decides the rest. `python -P` is kept (PYTHONSAFEPATH) so
+    that stages/ does not shadow modules."""
     import sys
 
     import torch
 
+    env = dict(os.environ, PYTHONSAFEPATH="1")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(config.train.num_processes)]
     if config.train.accelerate_config:
         command += ["--config_file", config.train.accelerate_config]
@@ -363,17 +376,17 @@ def launch_command(config: Config, script: str) -> list[str]:
         if not torch.cuda.is_available():
             threads = max(1, (os.cpu_count() or 1) // config.train.num_processes)
             command += ["--num_cpu_threads_per_process", str(threads)]
-    return command + [script]
+            env["ACCELERATE_USE_CPU"] = "true"
+    return command + [script], env
 
 
 def launch_distributed(config: Config, script: str) -> None:
-    """Run the train stage under `accelerate launch`; `python -P` is kept (PYTHONSAFEPATH) so that stages/
-    does not shadow modules. Raises if any rank fails."""
+    """Run the train stage under `accelerate launch`. Raises if any rank fails."""
     import subprocess
 
-    command = launch_command(config, script)
+    command, env = launch_command(config, script)
     print("launching: " + " ".join(command[1:]), flush=True)
-    result = subprocess.run(command, env=dict(os.environ, PYTHONSAFEPATH="1"))
+    result = subprocess.run(command, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"accelerate launch exited with {result.returncode}")
 
@@ -439,10 +452,10 @@ def run_training(config: Config, adapter_dir: Path, train_log: Path) -> dict[str
         if monitor.moments:
             mlflow.log_metrics(monitor.moments)
         step_log = StepLog(monitor, logged_steps(checkpoints) if resumed else None)
-        metrics = fit(config, model, tokenizer, splits, step_log, str(checkpoints), bool(resumed))
+        metrics, state_dict = fit(config, model, tokenizer, splits, step_log, str(checkpoints), bool(resumed))
         metrics |= {k: round(v, 1) for k, v in monitor.peaks().items()}
         mlflow.log_metrics({k: v for k, v in metrics.items() if k != "steps"})
-        save_adapter(model, tokenizer, adapter_dir)
+        save_adapter(model, tokenizer, adapter_dir, state_dict)
         step_log.write_csv(train_log)
         provenance |= {
             "packages": package_versions(),
