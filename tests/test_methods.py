@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def test_each_method_trains_end_to_end(tokenized, tmp_path, method):
     assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
     assert out["provenance"]["metrics"]["memory/peak_rss_mb"] > 0 and out["provenance"]["metrics"]["tokens_per_second"] > 0
     adapter = project / "models/adapter"
+    assert type(model_card_model(project)).__name__ == ("LlamaForCausalLM" if method == "full" else "PeftModelForCausalLM")
     if method == "full":
         assert counts["trainable"] == counts["total"]
         assert (adapter / "model.safetensors").is_file() and not (adapter / "adapter_config.json").exists()
@@ -69,6 +71,20 @@ def test_each_method_trains_end_to_end(tokenized, tmp_path, method):
     if method in ("lora", "qlora", "lora_8bit"):  # quantised weights count as parameters, not packed bytes
         base_params = _base_parameters(project)
         assert counts["total"] == base_params + counts["trainable"]
+
+
+def model_card_model(project: Path):
+    """Run the loading snippet of the adapter's model card in the project; return the model it loads."""
+    card = (project / "models/adapter/README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        exec(snippet, scope)
+    finally:
+        os.chdir(cwd)
+    return scope["model"]
 
 
 def _base_parameters(project: Path) -> int:

@@ -349,10 +349,11 @@ def reproduce_run(root: Path, config: Config, plan: dict[str, Any], keep: bool =
 
 
 def compare_adapter_weights(plan: dict[str, Any], adapter_dir: Path) -> int:
-    """md5 of the reproduced adapter weights against those the original run logged; 0 when equal."""
+    """md5 of the reproduced adapter weights (the whole model's after full fine-tuning) against those the
+    original run logged; 0 when equal."""
     from mlflow.artifacts import download_artifacts
 
-    weights = "adapter_model.safetensors"
+    weights = "adapter_model.safetensors" if (adapter_dir / "adapter_model.safetensors").exists() else "model.safetensors"
     recorded = file_md5(download_artifacts(run_id=plan["adapter_run_id"], artifact_path=f"adapter/{weights}"))
     again = file_md5(adapter_dir / weights)
     print(f"{'MATCH' if recorded == again else 'MISMATCH':9} {weights:28} recorded {recorded}  reproduced {again}")

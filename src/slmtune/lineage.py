@@ -183,15 +183,23 @@ def model_card(provenance: dict[str, Any]) -> str:
     metrics = "\n".join(f"| {name} | {value:.4f} |" for name, value in sorted(provenance["metrics"].items()))
     counts = provenance["parameters"]
     versions = ", ".join(f"{name} {version}" for name, version in provenance["packages"].items())
+    full = method.get("adapter") == "none"
+    auto = "AutoModelForSequenceClassification" if model.get("task") == "classification" else "AutoModelForCausalLM"
+    base_path, adapter_path = config["paths"]["base_model"], config["paths"]["adapter"]
+    if full:
+        loading = f"from transformers import {auto}\nmodel = {auto}.from_pretrained(\"{adapter_path}\")"
+    else:
+        loading = (f"from peft import PeftModel\nfrom transformers import {auto}\n"
+                   f"model = PeftModel.from_pretrained({auto}.from_pretrained(\"{base_path}\"), \"{adapter_path}\")")  # fmt: skip
     return f"""---
-library_name: peft
+library_name: {"transformers" if full else "peft"}
 base_model: {model['source']}
 tags: [slmtune, {method['name']}]
 ---
 
-# {method['name'].upper()} adapter for `{model['source']}`
+# {method['name'].upper()} {"fine-tuned model" if full else "adapter"} for `{model['source']}`
 
-Made by the slmtune `train` stage: {method['name']} r={method['r']}, alpha={method['alpha']}, \
+Made by the slmtune `train` stage: {method['name']} {"(every weight)" if full else f"r={method['r']}, alpha={method['alpha']}"}, \
 learning rate {config['train']['learning_rate']}, seed {config['train']['seed']}; \
 {counts['trainable']:,} trainable of {counts['total']:,} parameters.
 
@@ -227,8 +235,6 @@ Packages: {versions}. The full resolved configuration is in `provenance.json`.
 compares the configuration with `params.yaml` (non-zero exit on any mismatch).
 
 ```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{config['paths']['base_model']}"), "{config['paths']['adapter']}")
+{loading}
 ```
 """
