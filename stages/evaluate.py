@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: base vs tuned on the test split (loss, perplexity, ROUGE-L, contains-match)."""
+"""DVC stage `evaluate`: base vs tuned on the test split (loss, perplexity, BLEU, ROUGE-1/2/L, exact match, token F1,
+contains-match, per category), the merge parity and the optional quality gate."""
 
 from slmtune.evaluation import run_evaluation
 from slmtune.outputs import staged_outputs

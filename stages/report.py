@@ -1,4 +1,5 @@
-"""DVC stage `report`: reports/before_after.md with answers, metrics and lineage."""
+"""DVC stage `report`: reports/before_after.md with metrics, loss and metric plots, per-category table,
+merge parity and quality gate results, answers and lineage."""
 
 from slmtune.outputs import staged_outputs
 from slmtune.reporting import run_report
@@ -7,8 +8,9 @@ from slmtune.stage import stage_main
 
 @stage_main
 def main(config):
-    with staged_outputs(config.paths.report) as (report_path,):
-        run_report(config, report_path)
+    paths = config.paths
+    with staged_outputs(paths.report, paths.loss_plot, paths.metrics_plot) as (report_path, loss_plot, metrics_plot):
+        run_report(config, report_path, loss_plot, metrics_plot)
 
 
 if __name__ == "__main__":

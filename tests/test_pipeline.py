@@ -12,7 +12,7 @@ from conftest import FIXTURES, TINY_OVERRIDES, make_project, run
 from slmtune.lineage import dvc_lock_hashes
 
 STAGES = ["base", "prepare", "tokenize", "train", "evaluate", "report"]
-REPORT_SECTIONS = ["# Before and after fine-tuning", "## Metrics", "## Answers", "## Lineage"]
+REPORT_SECTIONS = ["# Before and after fine-tuning", "## Metrics", "## Checks", "## Answers", "## Lineage"]
 
 
 def test_dvc_repro_runs_every_stage_then_nothing(tiny_project: Path):
@@ -24,7 +24,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_project: Path):
 
     metrics = json.loads((tiny_project / "reports/metrics.json").read_text())
     for model in ("base", "tuned"):
-        assert set(metrics[model]) == {"loss", "perplexity", "rougeL", "contains"}
+        assert set(metrics[model]) == {"loss", "perplexity", "bleu", "rouge1", "rouge2", "rougeL", "exact_match", "token_f1", "contains"}
     generations = [json.loads(line) for line in (tiny_project / "reports/generations.jsonl").open()]
     test_split = (tiny_project / "data/prepared/test.jsonl").read_text().splitlines()
     assert len(generations) == metrics["test_examples"] == len(test_split) > 0

@@ -1,44 +1,60 @@
-"""Base vs tuned on the test split: loss, perplexity, greedy answers, ROUGE-L and contains-match; for
-classification, accuracy, macro F1 and loss."""
+"""Base vs tuned on the test split: loss, perplexity, greedy answers scored with BLEU, ROUGE-1/2/L, exact
+match, token F1 and contains-match, per category where the data has categories; the merged adapter's parity;
+the optional quality gate. Classification: accuracy, macro F1 and loss."""
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import Config, config_to_dict
+from .config import GATE_METRICS, Config, ConfigError, config_to_dict
 from .lineage import read_provenance
 from .outputs import read_jsonl, write_json, write_jsonl
 from .prompting import IGNORE_INDEX, generation_prompt, padding_collator
 from .tracking import evaluation_run
 
 METRICS_DIR = Path(__file__).parent / "metrics"
-TEXT_METRICS = ("rouge_l", "contains_match")
+TEXT_METRICS = ("bleu", "rouge", "answer_match", "contains_match")
+PER_EXAMPLE = ("bleu", "rouge1", "rouge2", "rougeL", "exact_match", "token_f1", "contains")
+"""Text metrics with a score per example (BLEU: smoothed sentence BLEU), averaged per category."""
+LOWER_IS_BETTER = {"loss", "perplexity"}
+PARITY_TOLERANCE = 1e-4
+"""Largest test-loss difference between the merged model and base + adapter."""
+
+
+class QualityGateError(ConfigError):
+    """The tuned model is worse than the base by more than `eval.gate_max_drop` on `eval.gate_metric`."""
 
 
 @torch.no_grad()
-def response_loss(model: Any, tokenizer: Any, dataset: Any, batch_size: int) -> float:
-    """Mean cross-entropy over the trained (response) tokens of a tokenized split."""
+def response_losses(model: Any, tokenizer: Any, dataset: Any, batch_size: int) -> list[tuple[float, int]]:
+    """Summed cross-entropy and count of the trained (response) tokens of each row of a tokenized split."""
     collator = padding_collator(tokenizer)
     model.eval()
-    total, count = 0.0, 0
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset]
+    sums: list[tuple[float, int]] = []
     for start in range(0, len(rows), batch_size):
         batch = collator(rows[start : start + batch_size])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
+            logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none"
         )
-        total += float(losses)
-        count += int((labels != IGNORE_INDEX).sum())
-    return total / max(count, 1)
+        sums += [(float(row.sum()), int(n)) for row, n in zip(losses, (labels != IGNORE_INDEX).sum(1))]
+    return sums
+
+
+def mean_loss(sums: list[tuple[float, int]]) -> float:
+    return sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1)
+
+
+def response_loss(model: Any, tokenizer: Any, dataset: Any, batch_size: int) -> float:
+    """Mean cross-entropy over the trained (response) tokens of a tokenized split."""
+    return mean_loss(response_losses(model, tokenizer, dataset, batch_size))
 
 
 @torch.no_grad()
@@ -57,6 +73,7 @@ def generate_answers(model: Any, tokenizer: Any, prompt_ids: list[list[int]], ma
             attention_mask=attention,
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            num_beams=1,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad,
         )
@@ -64,8 +81,15 @@ def generate_answers(model: Any, tokenizer: Any, prompt_ids: list[list[int]], ma
     return answers
 
 
+def generation_settings(config: Config) -> dict[str, Any]:
+    """How the test answers are produced, recorded with the metrics."""
+    return {"do_sample": False, "num_beams": 1, "max_new_tokens": config.eval.max_new_tokens,
+            "batch_size": config.eval.batch_size, "seed": config.train.seed, "stop": "eos"}  # fmt: skip
+
+
 def text_metrics(predictions: list[str], references: list[str]) -> dict[str, Any]:
-    """ROUGE-L and contains-match through the project's local `evaluate` modules (no hub access)."""
+    """BLEU, ROUGE-1/2/L, exact match, token F1 and contains-match through the project's local `evaluate`
+    modules (no hub access)."""
     import evaluate
 
     results: dict[str, Any] = {}
@@ -75,12 +99,16 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict[str, Any
 
 
 def score_model(model: Any, tokenizer: Any, config: Config, test_tokens: Any, prompt_ids: list[list[int]], references: list[str]) -> tuple[dict[str, float], dict[str, Any]]:
-    """Loss, perplexity and text metrics of one model; returns (summary, per-example lists and answers)."""
-    loss = response_loss(model, tokenizer, test_tokens, config.eval.batch_size)
+    """Loss, perplexity and text metrics of one model; returns (summary, per-example scores, answers and losses)."""
+    from transformers import set_seed
+
+    losses = response_losses(model, tokenizer, test_tokens, config.eval.batch_size)
+    loss = mean_loss(losses)
+    set_seed(config.train.seed)
     answers = generate_answers(model, tokenizer, prompt_ids, config.eval.max_new_tokens, config.eval.batch_size)
     scores = text_metrics(answers, references)
-    summary = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "rougeL": scores["rougeL"], "contains": scores["contains"]}
-    details = {"answers": answers, "rougeL": scores["rougeL_per_example"], "contains": scores["contains_per_example"]}
+    summary = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))} | {name: scores[name] for name in PER_EXAMPLE}
+    details = {"answers": answers, "losses": losses} | {name: scores[f"{name}_per_example"] for name in PER_EXAMPLE}
     return summary, details
 
 
@@ -108,9 +136,11 @@ def base_model(config: Config, labels: list[str] | None, pad_token_id: int) -> A
     return load_model(config.paths.base_model, config.model.dtype, config.method, labels, pad_token_id)
 
 
-def score_base_and_tuned(config: Config, labels: list[str] | None, pad_token_id: int, score: Any) -> tuple[Any, Any]:
+def score_base_and_tuned(config: Config, labels: list[str] | None, pad_token_id: int, score: Any,
+                         merged: bool = False) -> tuple[Any, Any, Any]:  # fmt: skip
     """`score(model)` for the tuned model, then for the base: one model with the adapter switched off,
-    or (full fine-tuning) the saved model and the base loaded in turn."""
+    or (full fine-tuning) the saved model and the base loaded in turn. With `merged`, an adapter is then
+    merged into the base weights and scored a third time (else None): the merge parity."""
     from peft import PeftModel
 
     from .modeling import load_model
@@ -120,22 +150,17 @@ def score_base_and_tuned(config: Config, labels: list[str] | None, pad_token_id:
         model = PeftModel.from_pretrained(base_model(config, labels, pad_token_id), adapter)
         tuned = score(model)
         with model.disable_adapter():
-            return score(model), tuned
+            base = score(model)
+        return base, tuned, score(model.merge_and_unload()) if merged else None
     tuned = score(load_model(adapter, config.model.dtype, None, labels, pad_token_id))
-    return score(base_model(config, labels, pad_token_id)), tuned
+    return score(base_model(config, labels, pad_token_id)), tuned, None
 
 
-def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Score the base model and base + adapter (or the fully fine-tuned model) on the test split."""
+def test_prompts(config: Config, tokenizer: Any) -> tuple[list[dict[str, Any]], list[str], list[list[int]], list[str]]:
+    """The test records that kept a tokenized row, with each one's prompt text, prompt ids and reference."""
     from datasets import load_from_disk
 
-    from .modeling import load_tokenizer
-
-    if config.model.task == "classification":
-        return evaluate_classifier(config)
-    tokenizer = load_tokenizer(config.paths.base_model)
-    test_tokens = load_from_disk(config.paths.tokenized)["test"]
-    kept = set(test_tokens["source"])
+    kept = set(load_from_disk(config.paths.tokenized)["test"]["source"])
     records = [r for r in read_jsonl(Path(config.paths.prepared) / "test.jsonl") if "text" in r or r["source"] in kept]
     prompts, prompt_ids, references = [], [], []
     for record in records:
@@ -143,12 +168,79 @@ def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[s
         prompts.append(text)
         prompt_ids.append(ids)
         references.append(reference)
+    return records, prompts, prompt_ids, references
+
+
+def parity(adapter: tuple[dict[str, float], dict[str, Any]], merged: tuple[dict[str, float], dict[str, Any]]) -> dict[str, Any]:
+    """Merged model vs base + adapter: test loss difference and identical greedy answers."""
+    same = sum(a == b for a, b in zip(adapter[1]["answers"], merged[1]["answers"]))
+    difference = abs(merged[0]["loss"] - adapter[0]["loss"])
+    return {"adapter_loss": adapter[0]["loss"], "merged_loss": merged[0]["loss"], "loss_difference": difference,
+            "tolerance": PARITY_TOLERANCE, "identical_answers": same, "answers": len(adapter[1]["answers"]),
+            "ok": difference <= PARITY_TOLERANCE and same == len(adapter[1]["answers"])}  # fmt: skip
+
+
+def by_category(records: list[dict[str, Any]], token_sources: list[str], details: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per category (where the test records have one): example count and, for base and tuned, the loss
+    over the category's response tokens and the mean of each per-example text metric."""
+    categories = [record.get("category") or "" for record in records]
+    if not any(categories):
+        return {}
+    category_of = {record["source"]: category for record, category in zip(records, categories)}
+    table: dict[str, Any] = {}
+    for category in sorted(set(categories)):
+        rows = [i for i, c in enumerate(categories) if c == category]
+        token_rows = [i for i, source in enumerate(token_sources) if category_of.get(source) == category]
+        entry: dict[str, Any] = {"examples": len(rows)}
+        for model, detail in details.items():
+            loss = mean_loss([detail["losses"][i] for i in token_rows]) if token_rows else float("nan")
+            entry[model] = {"loss": loss} | {name: sum(detail[name][i] for i in rows) / len(rows) for name in PER_EXAMPLE}
+        table[category or "(none)"] = entry
+    return table
+
+
+def check_gate(config: Config, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The quality gate's verdict (None when `eval.gate_metric` is unset); raises when it fails."""
+    name = config.eval.gate_metric
+    if not name:
+        return None
+    base, tuned = metrics["base"][name], metrics["tuned"][name]
+    drop = tuned - base if name in LOWER_IS_BETTER else base - tuned
+    verdict = {"metric": name, "base": base, "tuned": tuned, "drop": drop, "max_drop": config.eval.gate_max_drop,
+               "passed": drop <= config.eval.gate_max_drop}  # fmt: skip
+    if not verdict["passed"]:
+        direction = "higher" if name in LOWER_IS_BETTER else "lower"
+        raise QualityGateError(f"quality gate failed: tuned {name} {tuned:.4f} is {drop:.4f} {direction} than the base's "
+                               f"{base:.4f}, more than eval.gate_max_drop={config.eval.gate_max_drop}; nothing written. "
+                               "Fix the training, or raise eval.gate_max_drop / unset eval.gate_metric.")  # fmt: skip
+    return verdict
+
+
+def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score the base model, base + adapter (or the fully fine-tuned model) and the merged adapter on the test split."""
+    from datasets import load_from_disk
+
+    from .modeling import load_tokenizer
+
+    if config.model.task == "classification":
+        return evaluate_classifier(config)
+    tokenizer = load_tokenizer(config.paths.base_model)
+    records, prompts, prompt_ids, references = test_prompts(config, tokenizer)
+    test_tokens = load_from_disk(config.paths.tokenized)["test"]
+    token_sources = list(test_tokens["source"])
     test_tokens = test_tokens.select_columns(["input_ids", "labels"])
 
-    (base, base_details), (tuned, tuned_details) = score_base_and_tuned(
-        config, None, tokenizer.pad_token_id, lambda model: score_model(model, tokenizer, config, test_tokens, prompt_ids, references)
-    )
-    metrics = {"base": base, "tuned": tuned, "test_examples": len(records)}
+    base, tuned, merged = score_base_and_tuned(
+        config, None, tokenizer.pad_token_id, lambda model: score_model(model, tokenizer, config, test_tokens, prompt_ids, references),
+        merged=config.eval.merge_parity,
+    )  # fmt: skip
+    metrics: dict[str, Any] = {"base": base[0], "tuned": tuned[0], "test_examples": len(records),
+                               "generation": generation_settings(config)}  # fmt: skip
+    categories = by_category(records, token_sources, {"base": base[1], "tuned": tuned[1]})
+    if categories:
+        metrics["by_category"] = categories
+    if merged is not None:
+        metrics["merge_parity"] = parity(tuned, merged)
     generations = [
         {
             "source": record["source"],
@@ -156,13 +248,10 @@ def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[s
             "question": question_text(record),
             "category": record.get("category", ""),
             "reference": reference,
-            "base": base_details["answers"][i],
-            "tuned": tuned_details["answers"][i],
-            "base_rougeL": base_details["rougeL"][i],
-            "tuned_rougeL": tuned_details["rougeL"][i],
-            "base_contains": base_details["contains"][i],
-            "tuned_contains": tuned_details["contains"][i],
+            "base": base[1]["answers"][i],
+            "tuned": tuned[1]["answers"][i],
         }
+        | {f"{model}_{name}": detail[1][name][i] for model, detail in (("base", base), ("tuned", tuned)) for name in PER_EXAMPLE}
         for i, (record, prompt, reference) in enumerate(zip(records, prompts, references))
     ]
     return metrics, generations
@@ -208,7 +297,7 @@ def evaluate_classifier(config: Config) -> tuple[dict[str, Any], list[dict[str, 
         result = metric.compute(predictions=predicted, references=references)
         return {"accuracy": result["accuracy"], "f1": result["f1"], "loss": loss}, predicted
 
-    (base, base_predicted), (tuned, tuned_predicted) = score_base_and_tuned(config, labels, tokenizer.pad_token_id, score)
+    (base, base_predicted), (tuned, tuned_predicted), _ = score_base_and_tuned(config, labels, tokenizer.pad_token_id, score)
     metrics = {"base": base, "tuned": tuned, "test_examples": len(records), "labels": labels}
     generations = [
         {
@@ -233,10 +322,23 @@ def run_evaluation(config: Config, metrics_path: Path, generations_path: Path) -
     import mlflow
 
     metrics, generations = evaluate_base_and_tuned(config)
+    gate = check_gate(config, metrics)
+    if gate:
+        metrics["quality_gate"] = gate
     adapter_run_id = read_provenance(config.paths.adapter)["mlflow"]["run_id"]
     with evaluation_run(config.tracking, adapter_run_id, config_to_dict(config)) as run:
         for model_name in ("base", "tuned"):
             mlflow.log_metrics({f"test/{model_name}/{k}": v for k, v in metrics[model_name].items() if isinstance(v, (int, float))})
+        for category, entry in metrics.get("by_category", {}).items():
+            key = re.sub(r"[^\w\-. ]", "_", category)
+            for model_name in ("base", "tuned"):
+                mlflow.log_metrics({f"test/{model_name}/{key}/{k}": v for k, v in entry[model_name].items() if math.isfinite(v)})
+        if "merge_parity" in metrics:
+            mlflow.log_metrics({f"merge_parity/{k}": float(v) for k, v in metrics["merge_parity"].items()})
+        if gate:
+            mlflow.log_metrics({"quality_gate/passed": 1.0, "quality_gate/drop": gate["drop"]})
+        if "generation" in metrics:
+            mlflow.log_dict(metrics["generation"], "config/generation.json")
         metrics["mlflow_run_id"] = run.info.run_id
         write_json(metrics_path, metrics)
         write_jsonl(generations_path, generations)

@@ -289,7 +289,7 @@ def reproduction_plan(root: Path, config: Config, run_id: str) -> dict[str, Any]
         "exp_ref": ref,
         "baseline": tags.get(BASELINE_TAG),
         "commit": commit,
-        "metrics": {k: v for k, v in run.data.metrics.items() if k.startswith("test/")},
+        "metrics": {k: v for k, v in run.data.metrics.items() if k.startswith("test/") and k.count("/") == 2},  # not per category
         "threads": adapter_tags.get(THREADS_TAG),
         "uncommitted": [f for f in adapter_tags.get(DIRTY_FILES_TAG, "").split() if f not in EXPERIMENT_FILES],
         "commands": commands,

@@ -16,7 +16,12 @@ from .tracking import mlflow_run
 METRIC_ROWS = (
     ("loss", "Test loss (response tokens)", "lower"),
     ("perplexity", "Perplexity", "lower"),
+    ("bleu", "BLEU-4 (corpus)", "higher"),
+    ("rouge1", "ROUGE-1 F1", "higher"),
+    ("rouge2", "ROUGE-2 F1", "higher"),
     ("rougeL", "ROUGE-L F1", "higher"),
+    ("exact_match", "Exact match", "higher"),
+    ("token_f1", "Token F1", "higher"),
     ("contains", "Contains reference", "higher"),
 )
 CLASSIFICATION_ROWS = (
@@ -30,13 +35,101 @@ def _quote(text: str) -> str:
     return "\n".join(f"> {line}" if line else ">" for line in (text or "(empty)").splitlines())
 
 
+def metric_rows(metrics: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
+    """The (key, label, better) rows this evaluation has (older metrics files lack some)."""
+    rows = CLASSIFICATION_ROWS if "accuracy" in metrics["base"] else METRIC_ROWS
+    return tuple(row for row in rows if row[0] in metrics["base"])
+
+
 def metrics_table(metrics: dict[str, Any]) -> str:
     """Markdown table of base vs tuned metrics with the change."""
     lines = ["| metric | base | tuned | change | better |", "|---|---:|---:|---:|---|"]
-    for key, label, better in CLASSIFICATION_ROWS if "accuracy" in metrics["base"] else METRIC_ROWS:
+    for key, label, better in metric_rows(metrics):
         base, tuned = metrics["base"][key], metrics["tuned"][key]
         lines.append(f"| {label} | {base:.4f} | {tuned:.4f} | {tuned - base:+.4f} | {better} |")
     return "\n".join(lines)
+
+
+CATEGORY_METRICS = (("loss", "loss"), ("rougeL", "ROUGE-L"), ("token_f1", "token F1"), ("exact_match", "EM"), ("bleu", "BLEU"))
+
+
+def category_table(metrics: dict[str, Any]) -> str:
+    """Per category: examples, then base -> tuned for the main metrics (BLEU: mean sentence BLEU)."""
+    categories = metrics.get("by_category")
+    if not categories:
+        return ""
+    header = ["category", "examples"] + [f"{label} base → tuned" for _, label in CATEGORY_METRICS]
+    rows = [[name, entry["examples"]] + [f"{entry['base'][key]:.3f} → {entry['tuned'][key]:.3f}" for key, _ in CATEGORY_METRICS]
+            for name, entry in sorted(categories.items())]  # fmt: skip
+    return "## By category\n\n" + _table(header, rows) + "\n\n"
+
+
+def checks_section(metrics: dict[str, Any]) -> str:
+    """The merge parity and quality gate results, where this evaluation ran them."""
+    lines = []
+    parity = metrics.get("merge_parity")
+    if parity:
+        verdict = "PASS" if parity["ok"] else "FAIL"
+        lines.append(f"- Merge parity: **{verdict}**. Test loss base + adapter {parity['adapter_loss']:.6f}, merged "
+                     f"{parity['merged_loss']:.6f} (difference {parity['loss_difference']:.2e}, tolerance {parity['tolerance']:.0e}); "
+                     f"{parity['identical_answers']} of {parity['answers']} greedy answers identical.")  # fmt: skip
+    gate = metrics.get("quality_gate")
+    if gate:
+        lines.append(f"- Quality gate on {gate['metric']}: **{'PASS' if gate['passed'] else 'FAIL'}**. Base {gate['base']:.4f}, "
+                     f"tuned {gate['tuned']:.4f}, drop {gate['drop']:+.4f} (allowed {gate['max_drop']}).")  # fmt: skip
+    else:
+        lines.append("- Quality gate: off (set `eval.gate_metric` to fail the evaluate stage when tuned is worse than base).")
+    settings = metrics.get("generation")
+    if settings:
+        lines.append("- Generation: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + ".")
+    return "## Checks\n\n" + "\n".join(lines) + "\n\n"
+
+
+def plot_loss(path: Path, train_log: Path) -> None:
+    """Training loss per step (the train stage's log), as a PNG."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    with open(train_log, encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    axes.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], marker="." if len(rows) < 60 else None)
+    axes.set_xlabel("step")
+    axes.set_ylabel("training loss")
+    axes.set_title("Training loss")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    plt.close(figure)
+
+
+def plot_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Base vs tuned bars for every test metric: scores in [0, 1] on one panel, loss and perplexity on another."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = metric_rows(metrics)
+    scores = [row for row in rows if row[2] == "higher"]
+    losses = [row for row in rows if row[2] == "lower"]
+    figure, panels = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [max(len(scores), 1), max(len(losses), 1)]})
+    for axes, group, title in ((panels[0], scores, "higher is better"), (panels[1], losses, "lower is better")):
+        positions = range(len(group))
+        for offset, model in ((-0.2, "base"), (0.2, "tuned")):
+            values = [metrics[model][key] for key, _, _ in group]
+            bars = axes.bar([p + offset for p in positions], values, width=0.4, label=model)
+            axes.bar_label(bars, fmt="%.2f", fontsize=7)
+        axes.set_xticks(list(positions), [key for key, _, _ in group], rotation=30, ha="right")
+        axes.set_title(title)
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    plt.close(figure)
 
 
 def predictions_section(generations: list[dict[str, Any]]) -> str:
@@ -47,6 +140,11 @@ def predictions_section(generations: list[dict[str, Any]]) -> str:
         marks = {name: ("✓" if row[f"{name}_correct"] else "✗") for name in ("base", "tuned")}
         lines.append(f"| {number} | {text} | {row['reference']} | {row['base']} {marks['base']} | {row['tuned']} {marks['tuned']} |")
     return "\n".join(lines) + "\n"
+
+
+def _scores(row: dict[str, Any], model: str) -> str:
+    shown = [("rougeL", "ROUGE-L"), ("token_f1", "token F1"), ("contains", "contains")]
+    return ", ".join(f"{label} {row[f'{model}_{key}']:.2f}" for key, label in shown if f"{model}_{key}" in row)
 
 
 def answers_section(generations: list[dict[str, Any]]) -> str:
@@ -60,8 +158,8 @@ def answers_section(generations: list[dict[str, Any]]) -> str:
             f"*source: `{row['source']}`*\n\n"
             f"**Prompt (as the model sees it)**\n\n```text\n{row['prompt'].rstrip()}\n```\n\n"
             f"**Reference**\n\n{_quote(row['reference'])}\n\n"
-            f"**Base model** (ROUGE-L {row['base_rougeL']:.2f}, contains {row['base_contains']})\n\n{_quote(row['base'])}\n\n"
-            f"**Fine-tuned** (ROUGE-L {row['tuned_rougeL']:.2f}, contains {row['tuned_contains']})\n\n{_quote(row['tuned'])}\n"
+            f"**Base model** ({_scores(row, 'base')})\n\n{_quote(row['base'])}\n\n"
+            f"**Fine-tuned** ({_scores(row, 'tuned')})\n\n{_quote(row['tuned'])}\n"
         )
     return "\n".join(parts)
 
@@ -90,6 +188,7 @@ def render_report(
     provenance: dict[str, Any],
     lock_hashes: dict[str, str],
     params: dict[str, Any],
+    figures: dict[str, str] | None = None,
 ) -> str:
     """The whole `before_after.md`."""
     source_list = ", ".join(f"`{source['path']}`" for source in params["data"]["sources"].values())
@@ -99,12 +198,15 @@ def render_report(
         f"{'' if params['method'].get('adapter') == 'none' else ' (r=' + str(params['method']['r']) + ')'}, data {source_list}, "
         f"{metrics['test_examples']} test prompts.\n\n"
         f"## Metrics\n\n{metrics_table(metrics)}\n\n"
-        f"## Answers\n\n{answers_section(generations)}\n"
+        + "".join(f"![{name}]({link})\n\n" for name, link in (figures or {}).items())
+        + category_table(metrics)
+        + checks_section(metrics)
+        + f"## Answers\n\n{answers_section(generations)}\n"
         f"## Lineage\n\n{lineage_section(provenance, metrics['mlflow_run_id'], lock_hashes, params)}\n"
     )
 
 
-def run_report(config: Config, report_path: Path) -> None:
+def run_report(config: Config, report_path: Path, loss_plot: Path, metrics_plot: Path) -> None:
     """The report stage: render `before_after.md` and log it to the pipeline's MLflow run."""
     import json
 
@@ -116,10 +218,17 @@ def run_report(config: Config, report_path: Path) -> None:
     paths = config.paths
     wanted = {paths.raw_data, paths.base_model, paths.prepared, paths.tokenized, paths.adapter}
     lock_hashes = {path: md5 for path, md5 in dvc_lock_hashes().items() if path in wanted}
-    report = render_report(metrics, generations, provenance, lock_hashes, provenance["config"])
+    plot_loss(loss_plot, Path(paths.train_log))
+    plot_metrics(metrics_plot, metrics)
+    figures = {name: os.path.relpath(target, Path(paths.report).parent)
+               for name, target in (("training loss", paths.loss_plot), ("base vs tuned", paths.metrics_plot))}  # fmt: skip
+    report = render_report(metrics, generations, provenance, lock_hashes, provenance["config"], figures)
     report_path.write_text(report, encoding="utf-8")
     with mlflow_run(config.tracking, run_id=metrics["mlflow_run_id"]):
         mlflow.log_artifact(str(report_path), "reports")
+        mlflow.log_artifact(str(loss_plot), "reports")
+        mlflow.log_artifact(str(metrics_plot), "reports")
+
 
 
 SKIPPED_LISTED = 100

@@ -1,21 +1,25 @@
-"""ROUGE-L F-measure between predictions and references, offline (an `evaluate` metric module)."""
+"""ROUGE-1, ROUGE-2 and ROUGE-L F-measures between predictions and references, offline (an `evaluate` metric module)."""
 
 import datasets
 import evaluate
 from rouge_score import rouge_scorer
 
-_DESCRIPTION = "ROUGE-L: longest-common-subsequence F-measure, with Porter stemming, from the rouge_score package."
+_TYPES = ("rouge1", "rouge2", "rougeL")
+_DESCRIPTION = (
+    "ROUGE-1 and ROUGE-2 (unigram and bigram overlap) and ROUGE-L (longest common subsequence) F-measures, "
+    "with Porter stemming, from the rouge_score package; the mean over examples and each example's score."
+)
 _KWARGS_DESCRIPTION = """
 Args:
     predictions: generated texts.
     references: reference texts, one per prediction.
 Returns:
-    rougeL: mean F-measure over the examples.
-    rougeL_per_example: the F-measure of each example.
+    rouge1, rouge2, rougeL: mean F-measure over the examples.
+    rouge1_per_example, rouge2_per_example, rougeL_per_example: the F-measure of each example.
 """
 
 
-class RougeL(evaluate.Metric):
+class Rouge(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -27,9 +31,11 @@ class RougeL(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
-        return {
-            "rougeL": sum(scores) / len(scores) if scores else 0.0,
-            "rougeL_per_example": scores,
-        }
+        scorer = rouge_scorer.RougeScorer(list(_TYPES), use_stemmer=True)
+        scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
+        result = {}
+        for name in _TYPES:
+            each = [score[name].fmeasure for score in scores]
+            result[name] = sum(each) / len(each) if each else 0.0
+            result[f"{name}_per_example"] = each
+        return result
