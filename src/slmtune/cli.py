@@ -7,9 +7,11 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .config import PARAMS_FILE, ConfigError, compose_params, config_to_dict, load_config
 from .experiments import ExperimentError
+from .formats import DataError
 
 
 def params_command(args: argparse.Namespace) -> int:
@@ -79,6 +81,44 @@ def reproduce_command(args: argparse.Namespace) -> int:
     return reproduce_run(root, config, plan, keep=args.keep) if args.run else 0
 
 
+def _config(args: argparse.Namespace) -> Any:
+    os.chdir(args.root)
+    return load_config()
+
+
+def chat_command(args: argparse.Namespace) -> int:
+    """Interactive streaming chat with the fine-tuned model."""
+    from .inference import chat
+
+    return chat(_config(args), args.adapter, args.max_new_tokens, args.temperature, args.top_p, args.system)
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """Answer a file of prompts in batches; write JSONL."""
+    from .inference import generate_file
+
+    config = _config(args)
+    return generate_file(config, args.adapter, Path(args.input), Path(args.output), args.batch_size or config.eval.batch_size,
+                         args.max_new_tokens or config.eval.max_new_tokens)  # fmt: skip
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    """Merge the adapter into the base; parity check against base + adapter."""
+    from .export import merge_adapter
+
+    config = _config(args)
+    return 0 if merge_adapter(config, args.adapter, args.output or config.paths.merged)["ok"] else 1
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """GGUF files of the merged model, each loaded back and compared."""
+    from .export import export_gguf
+
+    config = _config(args)
+    results = export_gguf(config, args.model, args.output or config.paths.gguf, args.type)
+    return 0 if all(r["ok"] for r in results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slmtune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +148,38 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--keep", action="store_true", help="keep the worktree afterwards")
     reproduce.add_argument("--root", default=".", help="project root (default: .)")
     reproduce.set_defaults(handler=reproduce_command)
+
+    adapter_help = "adapter folder or MLflow run id (default: the pipeline's latest, paths.adapter)"
+    chat = commands.add_parser("chat", help="chat with the fine-tuned model in the terminal (streamed, multi-turn)")
+    chat.add_argument("--adapter", help=adapter_help)
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default: 256)")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples")
+    chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling when --temperature > 0 (default: 0.9)")
+    chat.add_argument("--system", help="a system prompt for this conversation")
+    chat.add_argument("--root", default=".", help="project root (default: .)")
+    chat.set_defaults(handler=chat_command)
+
+    generate = commands.add_parser("generate", help="answer a file of prompts (.txt lines or .jsonl) into JSONL")
+    generate.add_argument("input", help="prompts: a .txt file (one per line) or .jsonl (prompt, or instruction + input)")
+    generate.add_argument("-o", "--output", required=True, help="JSONL file to write ({prompt, response} per line)")
+    generate.add_argument("--adapter", help=adapter_help)
+    generate.add_argument("--batch-size", type=int, help="prompts per batch (default: eval.batch_size)")
+    generate.add_argument("--max-new-tokens", type=int, help="longest answer (default: eval.max_new_tokens)")
+    generate.add_argument("--root", default=".", help="project root (default: .)")
+    generate.set_defaults(handler=generate_command)
+
+    merge = commands.add_parser("merge", help="merge the adapter into the base: a standalone model, parity-checked")
+    merge.add_argument("--adapter", help=adapter_help)
+    merge.add_argument("-o", "--output", help="folder to write (default: paths.merged)")
+    merge.add_argument("--root", default=".", help="project root (default: .)")
+    merge.set_defaults(handler=merge_command)
+
+    export = commands.add_parser("export", help="GGUF files of the merged model for llama.cpp / Ollama, round-trip checked")
+    export.add_argument("--model", help="model folder to export (default: paths.merged; a fully fine-tuned models/adapter works too)")
+    export.add_argument("--type", nargs="+", default=["f16", "q8_0"], help="GGUF types: f16, q8_0 (default: both)")
+    export.add_argument("-o", "--output", help="folder to write (default: paths.gguf)")
+    export.add_argument("--root", default=".", help="project root (default: .)")
+    export.set_defaults(handler=export_command)
     return parser
 
 
@@ -115,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, ExperimentError, FileNotFoundError) as exc:
+    except (ConfigError, ExperimentError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

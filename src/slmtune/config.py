@@ -56,6 +56,14 @@ class PathsConfig:
     """Base and tuned answers to every test prompt."""
     report: str = "reports/before_after.md"
     """The human-readable before/after report."""
+    loss_plot: str = "reports/loss_curve.png"
+    """Training (and validation) loss per step, drawn by `report`."""
+    metrics_plot: str = "reports/metrics_bars.png"
+    """Base vs tuned test metrics as bars, drawn by `report`."""
+    merged: str = "models/merged"
+    """`slmtune merge`: the adapter merged into the base, a standalone model (not a stage output)."""
+    gguf: str = "models/gguf"
+    """`slmtune export`: GGUF files of the merged model for llama.cpp and Ollama (not a stage output)."""
     sweep_report: str = "reports/sweep.md"
     """Ranked table of the last `slmtune sweep` (written by that command, not by a stage)."""
     sweep_plot: str = "reports/sweep.png"
@@ -150,6 +158,11 @@ METHOD_ADAPTERS = ("lora", "none")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 TASKS = ("causal_lm", "classification")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+GATE_METRICS = {
+    "causal_lm": ("loss", "perplexity", "bleu", "rouge1", "rouge2", "rougeL", "exact_match", "token_f1", "contains"),
+    "classification": ("accuracy", "f1", "loss"),
+}
+"""Metrics the quality gate (eval.gate_metric) can watch, per task."""
 
 
 @dataclass
@@ -234,6 +247,10 @@ class TrainConfig:
     """An `accelerate` config file (multi-GPU, multi-node, FSDP) passed to `accelerate launch`."""
     monitor_memory: bool = False
     """Log process RSS (and CUDA memory) at load, after model preparation and at every logging step."""
+    push_to_hub: bool = False
+    """Upload the adapter (or full model) folder to the Hugging Face Hub after training; checked before training."""
+    hub_model_id: Optional[str] = None
+    """Hub repository for push_to_hub, e.g. your-name/smollm2-support-lora (created private if missing)."""
 
 
 @dataclass
@@ -244,6 +261,12 @@ class EvalConfig:
     """Longest generated answer."""
     batch_size: int = 8
     """Prompts per generation batch."""
+    merge_parity: bool = True
+    """Also merge the adapter into the base in memory and check its test loss and greedy answers against base + adapter."""
+    gate_metric: Optional[str] = None
+    """Quality gate: fail the evaluate stage when tuned is worse than base on this metric by more than gate_max_drop; null: off."""
+    gate_max_drop: float = 0.0
+    """Largest allowed drop (a rise, for loss and perplexity) of the tuned model against the base on gate_metric."""
 
 
 @dataclass
@@ -297,6 +320,7 @@ def _check_values(config: Config, source: str) -> None:
         )
     _one_of(source, "data.on_invalid", data.on_invalid, ("fail", "skip"))
     _check_training(config, source)
+    _check_eval(config, source)
     _one_of(source, "data.template", data.template, TEMPLATES)
     if data.template == "custom" and not data.chat_template:
         raise ConfigError(f"{source}: data.template=custom needs data.chat_template (a Jinja chat template).")
@@ -336,8 +360,21 @@ def _check_training(config: Config, source: str) -> None:
     if wrong:
         need = "kind: label" if config.model.task == "classification" else "kind instruction, chat or text"
         raise ConfigError(f"{source}: model.task={config.model.task} needs sources of {need}; data.sources.{wrong[0]} is kind {kinds[wrong[0]]}.")
+    if train.push_to_hub and not (train.hub_model_id and train.hub_model_id.count("/") <= 1 and train.hub_model_id.strip("/")):
+        raise ConfigError(f"{source}: train.push_to_hub=true needs train.hub_model_id as 'name' or 'owner/name' "
+                          f"(got {train.hub_model_id!r}).")  # fmt: skip
     if train.packing and config.model.task != "causal_lm":
         raise ConfigError(f"{source}: train.packing works for model.task=causal_lm only; set train.packing=false.")
+
+
+def _check_eval(config: Config, source: str) -> None:
+    gate = config.eval.gate_metric
+    if gate is not None:
+        _one_of(source, "eval.gate_metric", gate, GATE_METRICS[config.model.task])
+    if config.eval.gate_max_drop < 0:
+        raise ConfigError(f"{source}: eval.gate_max_drop must be >= 0 (got {config.eval.gate_max_drop}).")
+    if config.eval.max_new_tokens < 1 or config.eval.batch_size < 1:
+        raise ConfigError(f"{source}: eval.max_new_tokens and eval.batch_size must be at least 1.")
 
 
 def _one_of(source: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:

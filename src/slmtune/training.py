@@ -352,6 +352,34 @@ def log_run_inputs(config: Config, counts: dict[str, int], digests: dict[str, di
 RESUME_FILE = "slmtune-resume.json"
 
 
+def check_hub_push(config: Config) -> None:
+    """With `train.push_to_hub`, fail before any training when the upload could not happen: the hub is
+    offline or there is no token."""
+    if not config.train.push_to_hub:
+        return
+    from huggingface_hub import constants, get_token
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline:
+        raise ConfigError("params.yaml: train.push_to_hub=true but the Hugging Face Hub is offline (HF_HUB_OFFLINE=1), "
+                          "so nothing was trained. Go online (HF_HUB_OFFLINE=0) and log in (`hf auth login`), or set "
+                          "train.push_to_hub=false.")  # fmt: skip
+    if not get_token():
+        raise ConfigError("params.yaml: train.push_to_hub=true but no Hugging Face token is set, so nothing was trained. "
+                          "Log in with `hf auth login` (or set HF_TOKEN), or set train.push_to_hub=false.")  # fmt: skip
+
+
+def push_to_hub(config: Config, folder: Path, run_id: str) -> str:
+    """Upload the adapter folder to `train.hub_model_id` (a private repository when it is created); return its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    repo = api.create_repo(config.train.hub_model_id, private=True, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo.repo_id, commit_message=f"slmtune: MLflow run {run_id}")
+    print(f"pushed {folder} to {repo}", flush=True)
+    return str(repo)
+
+
 def needs_launch(config: Config) -> bool:
     """Whether this is the stage's own process and training wants several (`accelerate launch` sets RANK)."""
     return config.train.num_processes > 1 and "RANK" not in os.environ
@@ -383,6 +411,8 @@ def launch_command(config: Config, script: str) -> tuple[list[str], dict[str, st
 def launch_distributed(config: Config, script: str) -> None:
     """Run the train stage under `accelerate launch`. Raises if any rank fails."""
     import subprocess
+
+    check_hub_push(config)
 
     command, env = launch_command(config, script)
     print("launching: " + " ".join(command[1:]), flush=True)
@@ -427,6 +457,7 @@ def run_training(config: Config, adapter_dir: Path, train_log: Path) -> dict[str
     import mlflow
     from datasets import load_from_disk
 
+    check_hub_push(config)
     monitor = MemoryMonitor(config.train.monitor_memory)
     splits = load_from_disk(config.paths.tokenized).select_columns(["input_ids", "labels"])
     tokenizer = load_tokenizer(config.paths.base_model)
@@ -469,5 +500,7 @@ def run_training(config: Config, adapter_dir: Path, train_log: Path) -> dict[str
         (adapter_dir / "README.md").write_text(model_card(provenance), encoding="utf-8")
         mlflow.log_artifacts(str(adapter_dir), "adapter")
         mlflow.log_artifact(str(train_log), "reports")
+        if config.train.push_to_hub:
+            mlflow.set_tag("slmtune.hub_repo", push_to_hub(config, adapter_dir, run.info.run_id))
     shutil.rmtree(checkpoints, ignore_errors=True)
     return provenance
