@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pty
+import select
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +60,54 @@ def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedP
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+SLMTUNE = [sys.executable, "-m", "slmtune.cli"]
+
+
+class Terminal:
+    """`slmtune chat` in a pseudo-terminal: what a user's terminal would show, as it arrives."""
+
+    def __init__(self, project: Path, *args: str):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the command, attached to the terminal
+            os.chdir(project)
+            os.execve(sys.executable, [*SLMTUNE, "chat", *args], stage_env())
+        self.seen = ""
+        self.chunks: list[tuple[float, str]] = []  # (arrival time, text) of every read
+
+    def read_until(self, text: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        start = len(self.seen)
+        while text not in self.seen[start:]:
+            assert time.monotonic() < deadline, f"no {text!r} after {timeout} s; terminal shows:\n{self.seen}"
+            ready, _, _ = select.select([self.fd], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 4096).decode("utf-8", "replace")
+                except OSError:  # the child closed the terminal
+                    break
+                self.seen += chunk
+                self.chunks.append((time.monotonic(), chunk))
+        return self.seen[start:]
+
+    def type(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def exit_status(self, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.seen += os.read(self.fd, 4096).decode("utf-8", "replace")
+            except OSError:
+                pass
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.1)
+        os.kill(self.pid, 9)
+        raise AssertionError(f"chat did not exit; terminal shows:\n{self.seen}")
+
 
 
 def make_project(root: Path, overrides: list[str], frozen_conf: bool = False) -> Path:

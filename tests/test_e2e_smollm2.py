@@ -6,7 +6,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import REPO, make_project, run
+from conftest import REPO, Terminal, make_project, run
 
 pytestmark = pytest.mark.e2e
 SMALL_RUN = ["train.max_steps=12", "train.eval_steps=6", "eval.max_new_tokens=24"]
@@ -27,6 +27,24 @@ def test_smollm2_pipeline_lowers_test_loss_for_every_main_data_format(tmp_path: 
     config = json.loads((project / "models/base/config.json").read_text())
     assert config["model_type"] == "llama" and "quantization_config" not in config
     assert (project / "models/base/model.safetensors").is_file()
+    assert metrics["merge_parity"]["ok"] and "![training loss](loss_curve.png)" in report
+
+    # Use it: merge (parity on the real model), GGUF export loaded back, a chat in a terminal
+    run(["slmtune", "merge"], project)
+    parity = json.loads((project / "models/merged/parity.json").read_text())
+    assert parity["ok"] and parity["loss_difference"] <= 1e-4 and parity["identical_answers"] == parity["answers"]
+    run(["slmtune", "export"], project)
+    f16, q8 = json.loads((project / "models/gguf/export.json").read_text())["files"]
+    assert f16["relative_difference"] < 0.01 and f16["tokenizer_identical"] and q8["ok"]
+    terminal = Terminal(project, "--max-new-tokens", "24")
+    terminal.read_until("you> ", timeout=300)
+    terminal.type("How many days of paid annual leave do Lumora Systems employees get?\r")
+    answer = terminal.read_until("you> ", timeout=300)
+    text = answer.split("model> ", 1)[1].rsplit("you> ", 1)[0].strip()
+    streamed = [c for _, c in terminal.chunks if c.strip() and "you> " not in c and "model> " not in c]
+    assert text and len(streamed) >= 2, terminal.chunks  # the answer arrived in pieces, not at the end
+    terminal.type("\x04")
+    assert terminal.exit_status() == 0 and "Traceback" not in terminal.seen
 
     # QLoRA (4-bit NF4 base, bitsandbytes on this CPU) and full fine-tuning on the real model
     for method, extra in (("qlora", []), ("full", ["train.learning_rate=1e-4"])):
