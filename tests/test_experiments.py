@@ -32,8 +32,9 @@ def test_sweep_overrides_expand_like_dvc():
 def test_sweep_ranks_by_the_chosen_metric_in_its_direction():
     assert rank_experiments(ROWS, "tuned.loss", metric_direction("tuned.loss", None)) == ["exp-b", "exp-c", "exp-a"]
     assert rank_experiments(ROWS, "tuned.rougeL", metric_direction("tuned.rougeL", None)) == ["exp-c", "exp-a", "exp-b"]
+    assert metric_direction("tuned.bleu", None) == "max" and metric_direction("tuned.perplexity", None) == "min"
     with pytest.raises(ExperimentError, match="--direction"):
-        metric_direction("tuned.bleu", None)
+        metric_direction("tuned.meteor", None)
     report = render_sweep_report(ROWS, {"exp-a": "Success", "exp-b": "Success", "exp-c": "Success", "exp-d": "Failed"},
                                  {"exp-b": "run-b"}, ["method.r", "train.learning_rate"], "tuned.loss", "min", "parent", "sweep.png")  # fmt: skip
     table = [line for line in report.splitlines() if line.startswith("| ")]
