@@ -86,27 +86,52 @@ def run_baseline(config, tokenizer) -> dict:
         ids = row["input_ids"][:BASELINE_LENGTH]
         labels = row["labels"][:BASELINE_LENGTH]
         fill = BASELINE_LENGTH - len(ids)
-        return {"input_ids": ids + [pad] * fill, "labels": labels + [-100] * fill, "attention_mask": [1] * len(ids) + [0] * fill}
+        return {
+            "input_ids": ids + [pad] * fill,
+            "labels": labels + [-100] * fill,
+            "attention_mask": [1] * len(ids) + [0] * fill,
+        }
 
     padded = train.map(to_512, remove_columns=train.column_names)
     model = AutoModelForCausalLM.from_pretrained(config.paths.base_model, dtype=torch.float32)
     method = config.method
-    model = get_peft_model(model, LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
-                                             target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))  # fmt: skip
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=method.r,
+            lora_alpha=method.alpha,
+            lora_dropout=method.dropout,
+            target_modules=["q_proj", "v_proj"],
+            task_type="CAUSAL_LM",
+        ),
+    )
     real = {"tokens": 0}
 
     def collate(features):
         real["tokens"] += sum(sum(f["attention_mask"]) for f in features)
         return default_data_collator(features)
 
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=config.train.max_steps, per_device_train_batch_size=config.train.batch_size,
-                             learning_rate=config.train.learning_rate, logging_steps=1, save_strategy="no", report_to="none",
-                             seed=config.train.seed, disable_tqdm=True, dataloader_num_workers=0)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=config.train.max_steps,
+        per_device_train_batch_size=config.train.batch_size,
+        learning_rate=config.train.learning_rate,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=config.train.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     result = Trainer(model=model, args=args, train_dataset=padded, data_collator=collate).train()
     runtime = result.metrics["train_runtime"]
-    return {"tokens": real["tokens"], "runtime_s": runtime, "processed_tokens": config.train.max_steps * config.train.batch_size * BASELINE_LENGTH,
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "params": sum(p.numel() for p in model.parameters() if not p.requires_grad)}  # fmt: skip
+    return {
+        "tokens": real["tokens"],
+        "runtime_s": runtime,
+        "processed_tokens": config.train.max_steps * config.train.batch_size * BASELINE_LENGTH,
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+    }
 
 
 def run_ours(config, tokenizer) -> dict:
@@ -125,8 +150,13 @@ def run_ours(config, tokenizer) -> dict:
     tokens = round(metrics["tokens_per_second"] * metrics["train_runtime_s"])
     counts = parameter_counts(model)
     base = counts["total"] if config.method.adapter == "none" else counts["total"] - counts["trainable"]
-    return {"tokens": tokens, "runtime_s": metrics["train_runtime_s"], "processed_tokens": None,
-            "trainable": counts["trainable"], "params": base}  # fmt: skip
+    return {
+        "tokens": tokens,
+        "runtime_s": metrics["train_runtime_s"],
+        "processed_tokens": None,
+        "trainable": counts["trainable"],
+        "params": base,
+    }
 
 
 def worker(variant: str, steps: int, batch_size: int) -> dict:
@@ -162,13 +192,29 @@ def main() -> None:
     peak = matmul_peak_gflops()
     import torch
 
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"measured fp32 matmul peak {peak:.1f} GFLOP/s; {args.steps} steps x batch {args.batch_size}", flush=True)  # fmt: skip
+    print(
+        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"measured fp32 matmul peak {peak:.1f} GFLOP/s; {args.steps} steps x batch {args.batch_size}",
+        flush=True,
+    )
     results = {}
     for variant in args.variants.split(","):
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-P", __file__, "--worker", variant, "--steps", str(args.steps),
-                               "--batch-size", str(args.batch_size)], capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-P",
+                __file__,
+                "--worker",
+                variant,
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+            ],
+            capture_output=True,
+            text=True,
+        )
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             sys.exit(f"error: variant {variant} failed:\n{proc.stderr[-3000:]}")
@@ -177,22 +223,37 @@ def main() -> None:
         result["matmul_peak_share"] = result["flops_per_token"] * result["tokens_per_second"] / (peak * 1e9)
         result["wall_s"] = time.perf_counter() - started
         results[variant] = result
-        print(f"  {variant}: {result['tokens_per_second']:.1f} real tokens/s, peak RSS {result['peak_rss_mb']:.0f} MB "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+        print(
+            f"  {variant}: {result['tokens_per_second']:.1f} real tokens/s, peak RSS {result['peak_rss_mb']:.0f} MB "
+            f"({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
     base = results.get("baseline")
     print("\n| variant | what | real tokens/s | vs baseline | peak RSS MB | peak CUDA MB | share of fp32 matmul peak |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for variant, r in results.items():
         ratio = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "-"
         cuda = f"{r['peak_cuda_mb']:.0f}" if r["peak_cuda_mb"] is not None else "-"
-        print(f"| {variant} | {VARIANTS[variant]} | {r['tokens_per_second']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} | {cuda} | "
-              f"{100 * r['matmul_peak_share']:.1f}% |")  # fmt: skip
+        print(
+            f"| {variant} | {VARIANTS[variant]} | {r['tokens_per_second']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} | "
+            f"{cuda} | "
+            f"{100 * r['matmul_peak_share']:.1f}% |"
+        )
     if base and "slmtune" in results:
-        print(f"\nspeed-up of the train stage over the baseline: {results['slmtune']['tokens_per_second'] / base['tokens_per_second']:.2f}x "
-              f"real tokens/s (the baseline computes {base['processed_tokens']:,} token positions for {base['tokens']:,} real tokens)")  # fmt: skip
+        print(
+            "\nspeed-up of the train stage over the baseline: "
+            f"{results['slmtune']['tokens_per_second'] / base['tokens_per_second']:.2f}x "
+            f"real tokens/s (the baseline computes {base['processed_tokens']:,} token positions for "
+            f"{base['tokens']:,} real tokens)"
+        )
     if args.output:
-        Path(args.output).write_text(json.dumps({"matmul_peak_gflops": peak, "steps": args.steps, "batch_size": args.batch_size,
-                                                 "results": results}, indent=2) + "\n")  # fmt: skip
+        Path(args.output).write_text(
+            json.dumps(
+                {"matmul_peak_gflops": peak, "steps": args.steps, "batch_size": args.batch_size, "results": results},
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

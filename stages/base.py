@@ -1,8 +1,8 @@
 """DVC stage `base`: materialise the base model (GGUF dequantised once) as safetensors + tokenizer."""
 
-from slmtune.modeling import run_base
 from slmtune.outputs import staged_outputs
-from slmtune.stage import stage_main
+from slmtune.pipeline import stage_main
+from slmtune.pipeline.base import run_base
 
 
 @stage_main

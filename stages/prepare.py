@@ -1,8 +1,8 @@
 """DVC stage `prepare`: raw data -> validated, de-duplicated, split records and their stats."""
 
-from slmtune.data import run_prepare
 from slmtune.outputs import staged_outputs
-from slmtune.stage import stage_main
+from slmtune.pipeline import stage_main
+from slmtune.pipeline.prepare import run_prepare
 
 
 @stage_main

@@ -2,8 +2,8 @@
 merge parity and quality gate results, answers and lineage."""
 
 from slmtune.outputs import staged_outputs
-from slmtune.reporting import run_report
-from slmtune.stage import stage_main
+from slmtune.pipeline import stage_main
+from slmtune.pipeline.report import run_report
 
 
 @stage_main

@@ -1,8 +1,8 @@
 """DVC stage `tokenize`: conversations rendered with the template, labels masked to the answers; the data report."""
 
 from slmtune.outputs import staged_outputs
-from slmtune.prompting import run_tokenize
-from slmtune.stage import stage_main
+from slmtune.pipeline import stage_main
+from slmtune.pipeline.tokenize import run_tokenize
 
 
 @stage_main

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import csv
 import json
 import os
@@ -14,14 +16,18 @@ import time
 from pathlib import Path
 
 import pytest
+from datasets import Dataset, DatasetDict
 
-from slmtune.config import compose_params
+from slmtune.config import DataConfig, SourceConfig, compose_params
+from slmtune.data import read_records
+from slmtune.prompting import build_example
 from tiny_models import build_tiny_tokenizer, save_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"
 PROJECT_FILES = ("conf", "dvc.yaml", "stages", "src", "data/raw", ".dvc/config", ".dvcignore", ".gitignore")
 # Fast settings for the tiny model: a few steps, short answers.
+STAGES = ["base", "prepare", "tokenize", "train", "evaluate", "report"]
 TINY_OVERRIDES = [
     "train.max_steps=6",
     "train.eval_steps=3",
@@ -97,17 +103,14 @@ class Terminal:
     def exit_status(self, timeout: float = 30) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
+            with contextlib.suppress(OSError):
                 self.seen += os.read(self.fd, 4096).decode("utf-8", "replace")
-            except OSError:
-                pass
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 return os.waitstatus_to_exitcode(status)
             time.sleep(0.1)
         os.kill(self.pid, 9)
         raise AssertionError(f"chat did not exit; terminal shows:\n{self.seen}")
-
 
 
 def make_project(root: Path, overrides: list[str], frozen_conf: bool = False) -> Path:
@@ -135,13 +138,18 @@ def make_project(root: Path, overrides: list[str], frozen_conf: bool = False) ->
 @pytest.fixture
 def tiny_project(tmp_path, tiny_model_dir) -> Path:
     """A project copy whose base model is the tiny Llama."""
-    return make_project(tmp_path / "project", [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES])
+    return make_project(
+        tmp_path / "project", [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES]
+    )
 
 
 def kb_rows() -> list[dict[str, str | None]]:
     """The instruction fixture with other column names (question/context/answer), as binary formats store it."""
     with open(FIXTURES / "instruction.csv", encoding="utf-8") as handle:
-        return [{"question": r["instruction"], "context": r["input"] or None, "answer": r["output"]} for r in csv.DictReader(handle)]
+        return [
+            {"question": r["instruction"], "context": r["input"] or None, "answer": r["output"]}
+            for r in csv.DictReader(handle)
+        ]
 
 
 def write_kb_parquet(path: Path) -> Path:
@@ -184,8 +192,12 @@ def cache_hub_dataset(cache_dir: Path, repo_id: str, rows: list[dict]) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     commit = "0" * 40
-    builder = Json(cache_dir=str(cache_dir), data_files=DataFilesDict.from_patterns({"train": [str(source)]}),
-                   dataset_name=f"{owner}___{name}", hash=commit)  # fmt: skip
+    builder = Json(
+        cache_dir=str(cache_dir),
+        data_files=DataFilesDict.from_patterns({"train": [str(source)]}),
+        dataset_name=f"{owner}___{name}",
+        hash=commit,
+    )
     builder.download_and_prepare()
     built = Path(builder.cache_dir)
     target = cache_dir / f"{owner}___{name}" / "default" / "0.0.0" / commit
@@ -209,3 +221,126 @@ def hub_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     return cache
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_model_dir) -> Path:
+    """A tiny-Llama project on the Dolly preset (which has categories), through every stage once; shared
+    by the evaluate, report, chat, generate, merge and export tests (read it, or `copy_project` it)."""
+    project = make_project(
+        tmp_path_factory.mktemp("trained") / "project",
+        [
+            f"model.source={tiny_model_dir}",
+            "model.gguf_file=null",
+            *TINY_OVERRIDES,
+            "data=dolly",
+            "train.max_steps=12",
+            "train.learning_rate=2e-3",
+        ],
+    )
+    run(["dvc", "repro"], project)
+    return project
+
+
+def copy_project(project: Path, tmp_path: Path) -> Path:
+    """A private copy of a prepared project (its DVC cache included) for a test that changes it."""
+    return shutil.copytree(project, tmp_path / "project", symlinks=True)
+
+
+def assert_trained_through_every_stage(project: Path) -> dict:
+    result = run(["dvc", "repro"], project)
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in result.stdout
+    assert (project / "models/adapter/adapter_model.safetensors").is_file()
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert metrics["test_examples"] > 0 and metrics["tuned"]["loss"] > 0
+    return metrics
+
+
+def bad_data_project(root: Path, tiny_model_dir: Path, fixture: str, *settings: str) -> Path:
+    """A project whose only source is one malformed fixture, copied under data/raw/bad/."""
+    project = make_project(root, [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES])
+    (project / "data/raw/bad").mkdir()
+    shutil.copy(FIXTURES / "bad" / fixture, project / "data/raw/bad" / fixture)
+    overrides = [
+        "~data.sources.company_kb",
+        f"+data.sources.bad.path=data/raw/bad/{fixture}",
+        "data.val_fraction=0",
+        *settings,
+    ]
+    if fixture.endswith(".jsonl") and "conversation" not in fixture:
+        overrides += ["+data.sources.bad.columns.instruction=prompt", "+data.sources.bad.columns.output=response"]
+    if "conversation" in fixture:
+        overrides.append("+data.sources.bad.kind=chat")
+    run(
+        ["slmtune", "params", *overrides, f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES],
+        project,
+    )
+    return project
+
+
+def data_report_rows(project: Path) -> dict[str, int]:
+    stats = json.loads((project / "reports/data_stats.json").read_text())
+    return stats["rows"]
+
+
+DATA = DataConfig()
+
+
+@pytest.fixture(scope="module")
+def records():
+    return read_records("kb", SourceConfig(path=str(REPO / "data/raw/company_kb.csv")))[0]
+
+
+def splits_for(records, tokenizer, n_train=16, n_val=4):
+    examples = [build_example(r, DATA, tokenizer) for r in records[: n_train + n_val]]
+
+    def to_ds(part):
+        return Dataset.from_dict({"input_ids": [e.input_ids for e in part], "labels": [e.labels for e in part]})
+
+    return DatasetDict(train=to_ds(examples[:n_train]), val=to_ds(examples[n_train:]))
+
+
+def _module_file(root: Path, module: str) -> Path | None:
+    path = root / "src" / Path(*module.split("."))
+    for candidate in (path / "__init__.py", path.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _slmtune_imports(root: Path, file: Path, module: str) -> set[str]:
+    """The slmtune modules (and their parent packages) `file` imports, at the top or inside a function."""
+    package = module if file.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            name = ".".join([*base, node.module] if node.module else base)
+            candidates = [name] + [f"{name}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        else:
+            continue
+        for candidate in candidates:
+            parts = candidate.split(".")
+            if parts[0] == "slmtune":
+                found |= {m for i in range(1, len(parts) + 1) if _module_file(root, m := ".".join(parts[:i]))}
+    return found
+
+
+def imported_code(stage: str, root: Path = REPO) -> list[str]:
+    """The code a DVC stage runs: its script and every slmtune module it imports, directly or not (the
+    evaluate stage also loads the metric modules from their folder)."""
+    script = root / "stages" / f"{stage}.py"
+    seen: set[str] = set()
+    todo = list(_slmtune_imports(root, script, "__main__"))
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += _slmtune_imports(root, _module_file(root, module), module)
+    files = [f"stages/{stage}.py"] + [_module_file(root, m).relative_to(root).as_posix() for m in seen]
+    if "src/slmtune/metrics/__init__.py" in files and stage == "evaluate":
+        files[files.index("src/slmtune/metrics/__init__.py")] = "src/slmtune/metrics"
+    return sorted(files)

@@ -1,3 +1,5 @@
+"""Configuration: conf/ composes into params.yaml, the schema rejects what it does not know, and `slmtune params`."""
+
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,8 @@ from omegaconf import OmegaConf
 from slmtune.config import Config, ConfigError, compose_params, load_config, validate_config
 
 REPO = Path(__file__).resolve().parent.parent
+
+
 GROUPS = ("model", "data", "method", "train", "eval")
 
 
@@ -96,7 +100,10 @@ def with_source(**source):
         ({"format": "xlsx"}, r"data\.sources\.kb\.format must be one of"),
         ({"split": "dev"}, r"data\.sources\.kb\.split must be one of train, val, test"),
         ({"weight": 0}, r"data\.sources\.kb\.weight must be above 0"),
-        ({"columns": {"question": "q"}}, r"data\.sources\.kb\.columns: unknown field\(s\) question for kind instruction"),
+        (
+            {"columns": {"question": "q"}},
+            r"data\.sources\.kb\.columns: unknown field\(s\) question for kind instruction",
+        ),
         ({"kind": "text", "columns": {"output": "o"}}, r"unknown field\(s\) output for kind text; use text, category"),
         ({"colums": {}}, r"data\.sources\.kb\.colums"),
     ],

@@ -82,7 +82,8 @@ def test_smollm2_two_by_two_sweep_from_a_fresh_clone(tmp_path: Path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
     assert {(c.data.params["method.r"], c.data.params["train.learning_rate"]) for c in children} == {
-        (r, lr) for r in ("4", "8") for lr in ("0.0003", "0.001")}  # fmt: skip
+        (r, lr) for r in ("4", "8") for lr in ("0.0003", "0.001")
+    }
     table = run(["dvc", "exp", "show", "--csv", "--no-pager"], clone).stdout
     report = (clone / "reports/sweep.md").read_text()
     ranked = [line.split(" | ")[1].strip("`") for line in report.splitlines() if line.startswith("| ") and "`" in line]

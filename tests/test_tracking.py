@@ -26,8 +26,12 @@ with mlflow_run(TrackingConfig(log_system_metrics=False), run_name=sys.argv[1]):
 
 def test_parallel_workers_create_and_share_one_sqlite_store(tmp_path: Path):
     env = stage_env() | {"DVC_ROOT": str(tmp_path)}
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, f"w{i}"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-               for i in range(4)]  # fmt: skip
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, f"w{i}"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+        )
+        for i in range(4)
+    ]
     errors = [w.communicate()[1] for w in workers]
     assert [w.returncode for w in workers] == [0] * 4, "\n".join(errors)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -91,7 +95,15 @@ def test_children_no_stage_resumed_are_closed_from_the_experiment_results(tracki
     with mlflow.start_run(experiment_id=experiment_id) as parent:
         pass
     children = schedule_child_runs(experiment_id, parent.info.run_id, ["cached", "broken"], "abc123")
-    rows = {"cached": {"tuned.loss": 1.25, "base.loss": 3.5, "method.r": 4, "mlflow_run_id": "earlier", "Experiment": "cached"}}
+    rows = {
+        "cached": {
+            "tuned.loss": 1.25,
+            "base.loss": 3.5,
+            "method.r": 4,
+            "mlflow_run_id": "earlier",
+            "Experiment": "cached",
+        }
+    }
     close_child_runs(children, {"cached": "Success", "broken": "Failed"}, rows)
     cached, broken = (MlflowClient().get_run(children[name]) for name in ("cached", "broken"))
     assert cached.info.status == "FINISHED" and broken.info.status == "FAILED"

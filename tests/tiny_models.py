@@ -64,21 +64,59 @@ def tiny_config(arch: str, tokenizer, hidden: int = 64):
     the smallest bitsandbytes' CPU 4-bit kernels take."""
     from transformers import DistilBertConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig
 
-    common = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    common = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     if arch == "llama":
-        return LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None, tie_word_embeddings=False, **common)  # fmt: skip
+        return LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=None,
+            tie_word_embeddings=False,
+            **common,
+        )
     if arch == "gpt_neox":
-        return GPTNeoXConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2, num_attention_heads=4,
-                             max_position_embeddings=512, rotary_pct=0.25, bos_token_id=None, **common)  # fmt: skip
+        return GPTNeoXConfig(
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            rotary_pct=0.25,
+            bos_token_id=None,
+            **common,
+        )
     if arch == "opt":
-        return OPTConfig(hidden_size=hidden, ffn_dim=4 * hidden, num_hidden_layers=2, num_attention_heads=4,
-                         word_embed_proj_dim=hidden, max_position_embeddings=512, bos_token_id=tokenizer.eos_token_id, **common)  # fmt: skip
+        return OPTConfig(
+            hidden_size=hidden,
+            ffn_dim=4 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=512,
+            bos_token_id=tokenizer.eos_token_id,
+            **common,
+        )
     if arch == "gpt2":
-        return GPT2Config(n_embd=hidden, n_layer=2, n_head=4, n_positions=512, bos_token_id=tokenizer.eos_token_id, **common)
+        return GPT2Config(
+            n_embd=hidden, n_layer=2, n_head=4, n_positions=512, bos_token_id=tokenizer.eos_token_id, **common
+        )
     if arch == "distilbert":
-        return DistilBertConfig(dim=hidden, hidden_dim=4 * hidden, n_layers=2, n_heads=4, max_position_embeddings=512,
-                                vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        return DistilBertConfig(
+            dim=hidden,
+            hidden_dim=4 * hidden,
+            n_layers=2,
+            n_heads=4,
+            max_position_embeddings=512,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+        )
     raise ValueError(arch)
 
 

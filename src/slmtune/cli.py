@@ -1,65 +1,42 @@
-"""The `slmtune` command."""
+"""The `slmtune` command: parses arguments and dispatches to the package. Each command's module is
+imported only when that command runs, so that `slmtune params` does not pay for torch and MLflow."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any
 
-from .config import PARAMS_FILE, ConfigError, compose_params, config_to_dict, load_config
-from .experiments import ExperimentError
-from .formats import DataError
+from .config import PARAMS_FILE, Config, compose_params, config_to_dict, load_config, params_are_current
+from .errors import ConfigError, exit_code_of
 
 
 def params_command(args: argparse.Namespace) -> int:
     """Compose conf/ into params.yaml (or check that params.yaml is up to date)."""
-    root = Path(args.root)
-    target = root / PARAMS_FILE
+    target = Path(args.root) / PARAMS_FILE
     if not args.check:
-        compose_params(root, target, args.overrides)
+        compose_params(args.root, target, args.overrides)
         print(f"wrote {target}")
         return 0
-    with tempfile.TemporaryDirectory() as scratch:
-        fresh = Path(scratch) / PARAMS_FILE
-        compose_params(root, fresh, args.overrides)
-        if target.is_file() and target.read_text(encoding="utf-8") == fresh.read_text(encoding="utf-8"):
-            print(f"{target} is up to date with conf/")
-            return 0
-    print(f"error: {target} is stale: it differs from the composition of conf/. Run `slmtune params`.", file=sys.stderr)
-    return 1
+    if params_are_current(args.root, args.overrides):
+        print(f"{target} is up to date with conf/")
+        return 0
+    raise ConfigError(f"{target} is stale: it differs from the composition of conf/. Run `slmtune params`.")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    os.chdir(args.root)
+    return load_config()
 
 
 def lineage_command(args: argparse.Namespace) -> int:
     """Print an adapter's provenance and check it against the current inputs, code and params."""
-    from .lineage import check_lineage, read_provenance
+    from .lineage import print_lineage, read_provenance
 
     os.chdir(args.root)
-    provenance = read_provenance(args.adapter)
-    git, run, exp = provenance["git"], provenance["mlflow"], provenance.get("dvc", {})
-    dirty = f" (uncommitted: {', '.join(git['dirty_files'])})" if git.get("dirty") else ""
-    print(f"adapter      {args.adapter}")
-    print(f"MLflow run   {run['run_id']} (experiment {run['experiment_id']})")
-    print(f"DVC exp      {exp.get('exp_name', 'unknown')}, baseline {exp.get('baseline_rev', 'unknown')}")
-    print(f"git commit   {git.get('commit')}{dirty}")
-    print("metrics      " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(provenance["metrics"].items())))
     current = config_to_dict(load_config()) if Path(PARAMS_FILE).is_file() else None
-    rows = check_lineage(provenance, current)
-    for kind in ("input", "code", "param"):
-        group = [row for row in rows if row["kind"] == kind]
-        shown = [row for row in group if kind != "param" or row["status"] != "MATCH"]
-        if kind == "param" and len(shown) < len(group):
-            print(f"MATCH      params: {len(group) - len(shown)} keys of model, data, method, train equal params.yaml")
-        for row in shown:
-            detail = row["recorded"] if row["status"] in ("MATCH", "UNHASHED") else f"recorded {row['recorded']}, now {row['current']}"
-            print(f"{row['status']:10} {kind} {row['name']}: {detail}")
-    if current is None:
-        print(f"(no {PARAMS_FILE} here: params not compared)")
-    bad = [row for row in rows if row["status"] in ("MISMATCH", "MISSING")]
-    print("lineage: " + ("MATCH" if not bad else f"MISMATCH ({len(bad)} of {len(rows)} checks differ)"))
-    return 1 if bad else 0
+    return print_lineage(args.adapter, read_provenance(args.adapter), current)
 
 
 def sweep_command(args: argparse.Namespace) -> int:
@@ -71,19 +48,9 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 def reproduce_command(args: argparse.Namespace) -> int:
     """Show how to reproduce an MLflow run; with --run, reproduce it in a worktree and compare metrics."""
-    from .experiments import print_plan, reproduce_run, reproduction_plan
+    from .experiments import reproduce
 
-    root = Path(args.root).resolve()
-    os.chdir(root)
-    config = load_config()
-    plan = reproduction_plan(root, config, args.run_id)
-    print_plan(plan)
-    return reproduce_run(root, config, plan, keep=args.keep) if args.run else 0
-
-
-def _config(args: argparse.Namespace) -> Any:
-    os.chdir(args.root)
-    return load_config()
+    return reproduce(Path(args.root), args.run_id, args.run, args.keep)
 
 
 def chat_command(args: argparse.Namespace) -> int:
@@ -98,8 +65,9 @@ def generate_command(args: argparse.Namespace) -> int:
     from .inference import generate_file
 
     config = _config(args)
-    return generate_file(config, args.adapter, Path(args.input), Path(args.output), args.batch_size or config.eval.batch_size,
-                         args.max_new_tokens or config.eval.max_new_tokens)  # fmt: skip
+    batch_size = args.batch_size or config.eval.batch_size
+    max_new_tokens = args.max_new_tokens or config.eval.max_new_tokens
+    return generate_file(config, args.adapter, Path(args.input), Path(args.output), batch_size, max_new_tokens)
 
 
 def merge_command(args: argparse.Namespace) -> int:
@@ -128,23 +96,39 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--root", default=".", help="project root holding conf/ (default: .)")
     params.set_defaults(handler=params_command)
 
-    lineage = commands.add_parser("lineage", help="show an adapter's provenance and re-check its inputs (exit 1 on mismatch)")
-    lineage.add_argument("adapter", nargs="?", default="models/adapter", help="adapter folder (default: models/adapter)")
+    lineage = commands.add_parser(
+        "lineage", help="show an adapter's provenance and re-check its inputs (exit 1 on mismatch)"
+    )
+    lineage.add_argument(
+        "adapter", nargs="?", default="models/adapter", help="adapter folder (default: models/adapter)"
+    )
     lineage.add_argument("--root", default=".", help="project root the recorded paths are relative to")
     lineage.set_defaults(handler=lineage_command)
 
-    sweep = commands.add_parser("sweep", help="run a Hydra-syntax grid as queued DVC experiments under one MLflow parent run")
-    sweep.add_argument("-S", "--set-param", action="append", default=[], metavar="OVERRIDE",
-                       help="as for `dvc exp run -S`, e.g. -S 'method.r=4,8' -S 'train.learning_rate=1e-4,3e-4'")  # fmt: skip
+    sweep = commands.add_parser(
+        "sweep", help="run a Hydra-syntax grid as queued DVC experiments under one MLflow parent run"
+    )
+    sweep.add_argument(
+        "-S",
+        "--set-param",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
+        help="as for `dvc exp run -S`, e.g. -S 'method.r=4,8' -S 'train.learning_rate=1e-4,3e-4'",
+    )
     sweep.add_argument("-j", "--jobs", type=int, default=1, help="parallel queue workers (default: 1)")
-    sweep.add_argument("--metric", default="tuned.loss", help="metric to rank by, as `dvc exp show` names it (default: tuned.loss)")
+    sweep.add_argument(
+        "--metric", default="tuned.loss", help="metric to rank by, as `dvc exp show` names it (default: tuned.loss)"
+    )
     sweep.add_argument("--direction", choices=("min", "max"), help="min or max (default: known from the metric)")
     sweep.add_argument("--root", default=".", help="project root (default: .)")
     sweep.set_defaults(handler=sweep_command)
 
     reproduce = commands.add_parser("reproduce", help="show (or, with --run, do) the reproduction of an MLflow run")
     reproduce.add_argument("run_id", help="MLflow run id of a train or evaluate run")
-    reproduce.add_argument("--run", action="store_true", help="reproduce in a temporary git worktree and compare metrics")
+    reproduce.add_argument(
+        "--run", action="store_true", help="reproduce in a temporary git worktree and compare metrics"
+    )
     reproduce.add_argument("--keep", action="store_true", help="keep the worktree afterwards")
     reproduce.add_argument("--root", default=".", help="project root (default: .)")
     reproduce.set_defaults(handler=reproduce_command)
@@ -160,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(handler=chat_command)
 
     generate = commands.add_parser("generate", help="answer a file of prompts (.txt lines or .jsonl) into JSONL")
-    generate.add_argument("input", help="prompts: a .txt file (one per line) or .jsonl (prompt, or instruction + input)")
+    generate.add_argument(
+        "input", help="prompts: a .txt file (one per line) or .jsonl (prompt, or instruction + input)"
+    )
     generate.add_argument("-o", "--output", required=True, help="JSONL file to write ({prompt, response} per line)")
     generate.add_argument("--adapter", help=adapter_help)
     generate.add_argument("--batch-size", type=int, help="prompts per batch (default: eval.batch_size)")
@@ -174,8 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--root", default=".", help="project root (default: .)")
     merge.set_defaults(handler=merge_command)
 
-    export = commands.add_parser("export", help="GGUF files of the merged model for llama.cpp / Ollama, round-trip checked")
-    export.add_argument("--model", help="model folder to export (default: paths.merged; a fully fine-tuned models/adapter works too)")
+    export = commands.add_parser(
+        "export", help="GGUF files of the merged model for llama.cpp / Ollama, round-trip checked"
+    )
+    export.add_argument(
+        "--model", help="model folder to export (default: paths.merged; a fully fine-tuned models/adapter works too)"
+    )
     export.add_argument("--type", nargs="+", default=["f16", "q8_0"], help="GGUF types: f16, q8_0 (default: both)")
     export.add_argument("-o", "--output", help="folder to write (default: paths.gguf)")
     export.add_argument("--root", default=".", help="project root (default: .)")
@@ -185,11 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except (ConfigError, ExperimentError, DataError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return exit_code_of(lambda: args.handler(args))
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import ConfigError
+from .metrics import metric_names
+from .outputs import staged_outputs
+
 PARAMS_FILE = "params.yaml"
 CONF_DIR = "conf"
 CONF_NAME = "config"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, worded for the person who has to fix it."""
 
 
 @dataclass
@@ -106,7 +106,8 @@ class SourceConfig:
     """One raw data source and how its rows become records."""
 
     path: str = MISSING
-    """A file under `paths.raw_data` (.csv, .jsonl, .json, .parquet, .txt), a `save_to_disk` folder there, or a hub dataset id (format hub)."""
+    """A file under `paths.raw_data` (.csv, .jsonl, .json, .parquet, .txt), a `save_to_disk` folder there, or a hub
+    dataset id (format hub)."""
     format: str = "auto"
     """csv, jsonl, json, parquet, txt, disk (a `datasets` save_to_disk folder) or hub; auto picks from the suffix."""
     kind: str = "instruction"
@@ -133,7 +134,8 @@ class DataConfig:
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     """Named sources, mixed into one dataset; each row remembers its source name (presets in conf/data/)."""
     on_invalid: str = "fail"
-    """A bad row (encoding, JSON, missing/empty field, wrong type, duplicate, leak, too long): fail, or skip and count."""
+    """A bad row (encoding, JSON, missing/empty field, wrong type, duplicate, leak, too long): fail, or skip and
+    count."""
     val_fraction: float = 0.1
     """Share of prompts in the validation split (sources without a given split)."""
     test_fraction: float = 0.15
@@ -141,7 +143,8 @@ class DataConfig:
     split_seed: int = 42
     """Seed of the deterministic shuffle before splitting and of weighted sampling."""
     template: str = "auto"
-    """Prompt template: auto (chat when the tokenizer has a chat template, else alpaca), chat, alpaca, tags or custom."""
+    """Prompt template: auto (chat when the tokenizer has a chat template, else alpaca), chat, alpaca, tags or
+    custom."""
     chat_template: Optional[str] = None
     """Jinja chat template used when template=custom (same variables as a tokenizer chat template)."""
     system_prompt: Optional[str] = None
@@ -158,11 +161,6 @@ METHOD_ADAPTERS = ("lora", "none")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 TASKS = ("causal_lm", "classification")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-GATE_METRICS = {
-    "causal_lm": ("loss", "perplexity", "bleu", "rouge1", "rouge2", "rougeL", "exact_match", "token_f1", "contains"),
-    "classification": ("accuracy", "f1", "loss"),
-}
-"""Metrics the quality gate (eval.gate_metric) can watch, per task."""
 
 
 @dataclass
@@ -188,7 +186,8 @@ class MethodConfig:
     dropout: float = 0.05
     """Dropout on the LoRA input."""
     target_modules: Optional[list[str]] = None
-    """Module names to adapt; null picks the architecture's attention and MLP projections; [all-linear] every linear layer."""
+    """Module names to adapt; null picks the architecture's attention and MLP projections; [all-linear] every linear
+    layer."""
     bias: str = "none"
     """Which biases train: none, all or lora_only."""
     use_dora: bool = False
@@ -226,7 +225,8 @@ class TrainConfig:
     group_by_length: bool = True
     """Batch examples of similar length, so that padding to the longest in a batch wastes little."""
     packing: bool = False
-    """Padding-free batches: each batch's examples are concatenated into one row with restarting positions, no pad token."""
+    """Padding-free batches: each batch's examples are concatenated into one row with restarting positions, no pad
+    token."""
     seed: int = 42
     """Seed for weight init, dropout and data order."""
     logging_steps: int = 1
@@ -262,9 +262,11 @@ class EvalConfig:
     batch_size: int = 8
     """Prompts per generation batch."""
     merge_parity: bool = True
-    """Also merge the adapter into the base in memory and check its test loss and greedy answers against base + adapter."""
+    """Also merge the adapter into the base in memory and check its test loss and greedy answers against base +
+    adapter."""
     gate_metric: Optional[str] = None
-    """Quality gate: fail the evaluate stage when tuned is worse than base on this metric by more than gate_max_drop; null: off."""
+    """Quality gate: fail the evaluate stage when tuned is worse than base on this metric by more than gate_max_drop;
+    null: off."""
     gate_max_drop: float = 0.0
     """Largest allowed drop (a rise, for loss and perplexity) of the tuned model against the base on gate_metric."""
 
@@ -313,7 +315,7 @@ def validate_config(raw: Any, source: str) -> Config:
 def _check_values(config: Config, source: str) -> None:
     data = config.data
     fractions = data.val_fraction + data.test_fraction
-    if not (0 <= data.test_fraction and 0 <= data.val_fraction and fractions < 1):
+    if not (data.test_fraction >= 0 and data.val_fraction >= 0 and fractions < 1):
         raise ConfigError(
             f"{source}: data.val_fraction + data.test_fraction must be below 1 "
             f"(got {data.val_fraction} + {data.test_fraction})."
@@ -359,10 +361,17 @@ def _check_training(config: Config, source: str) -> None:
     wrong = sorted(name for name, kind in kinds.items() if (kind == "label") != (config.model.task == "classification"))
     if wrong:
         need = "kind: label" if config.model.task == "classification" else "kind instruction, chat or text"
-        raise ConfigError(f"{source}: model.task={config.model.task} needs sources of {need}; data.sources.{wrong[0]} is kind {kinds[wrong[0]]}.")
-    if train.push_to_hub and not (train.hub_model_id and train.hub_model_id.count("/") <= 1 and train.hub_model_id.strip("/")):
-        raise ConfigError(f"{source}: train.push_to_hub=true needs train.hub_model_id as 'name' or 'owner/name' "
-                          f"(got {train.hub_model_id!r}).")  # fmt: skip
+        raise ConfigError(
+            f"{source}: model.task={config.model.task} needs sources of {need}; data.sources.{wrong[0]} is kind "
+            f"{kinds[wrong[0]]}."
+        )
+    if train.push_to_hub and not (
+        train.hub_model_id and train.hub_model_id.count("/") <= 1 and train.hub_model_id.strip("/")
+    ):
+        raise ConfigError(
+            f"{source}: train.push_to_hub=true needs train.hub_model_id as 'name' or 'owner/name' "
+            f"(got {train.hub_model_id!r})."
+        )
     if train.packing and config.model.task != "causal_lm":
         raise ConfigError(f"{source}: train.packing works for model.task=causal_lm only; set train.packing=false.")
 
@@ -370,7 +379,7 @@ def _check_training(config: Config, source: str) -> None:
 def _check_eval(config: Config, source: str) -> None:
     gate = config.eval.gate_metric
     if gate is not None:
-        _one_of(source, "eval.gate_metric", gate, GATE_METRICS[config.model.task])
+        _one_of(source, "eval.gate_metric", gate, metric_names(config.model.task))
     if config.eval.gate_max_drop < 0:
         raise ConfigError(f"{source}: eval.gate_max_drop must be >= 0 (got {config.eval.gate_max_drop}).")
     if config.eval.max_new_tokens < 1 or config.eval.batch_size < 1:
@@ -438,10 +447,9 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def compose_params(root: str | Path, output: str | Path, overrides: list[str] | None = None) -> Config:
     """Compose `conf/` exactly as DVC's Hydra integration does, validate it, write `output`."""
-    from dvc.utils.hydra import compose_and_dump
-
-    from .outputs import staged_outputs
-
+    from dvc.utils.hydra import (
+        compose_and_dump,
+    )  # DVC and Hydra take seconds to import: only `slmtune params` needs them
     from hydra.errors import HydraException
 
     root = Path(root).resolve()
@@ -450,5 +458,18 @@ def compose_params(root: str | Path, output: str | Path, overrides: list[str] | 
             compose_and_dump(tmp, str(root / CONF_DIR), None, CONF_NAME, str(root), overrides or [])
         except HydraException as exc:
             raise ConfigError(f"{CONF_DIR}/: {str(exc).splitlines()[0]}") from None
-        config = validate_config(OmegaConf.load(tmp), f"{CONF_DIR}/ (composed{' with ' + ' '.join(overrides) if overrides else ''})")
+        config = validate_config(
+            OmegaConf.load(tmp), f"{CONF_DIR}/ (composed{' with ' + ' '.join(overrides) if overrides else ''})"
+        )
     return config
+
+
+def params_are_current(root: str | Path, overrides: list[str] | None = None) -> bool:
+    """Whether `params.yaml` equals a fresh composition of `conf/` (what `slmtune params --check` asks)."""
+    import tempfile
+
+    target = Path(root) / PARAMS_FILE
+    with tempfile.TemporaryDirectory() as scratch:
+        fresh = Path(scratch) / PARAMS_FILE
+        compose_params(root, fresh, overrides)
+        return target.is_file() and target.read_text(encoding="utf-8") == fresh.read_text(encoding="utf-8")

@@ -12,11 +12,11 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .config import KIND_FIELDS, SPLIT_NAMES, SourceConfig
-from .formats import DataError, Problem, Row, read_source, source_format
+from .errors import DataError
+from .formats import Problem, Row, read_source, source_format
 
 ROLE_ALIASES = {
     "system": "system",
@@ -28,7 +28,13 @@ ROLE_ALIASES = {
     "model": "assistant",
 }
 TAG = re.compile(r"<\|(system|user|assistant)\|>")
-REQUIRED = {"instruction": ("instruction", "output"), "chat": ("messages",), "text": ("text",), "label": ("text", "label")}
+REQUIRED = {
+    "instruction": ("instruction", "output"),
+    "chat": ("messages",),
+    "text": ("text",),
+    "label": ("text", "label"),
+}
+
 
 class RowProblem(Exception):
     """Raised while normalising one row; becomes a `Problem`."""
@@ -80,7 +86,9 @@ def parse_tagged(text: str) -> list[dict[str, str]]:
 def _turn(value: Any, index: int, column: str) -> dict[str, str]:
     where = f"column '{column}' turn {index}"
     if not isinstance(value, dict):
-        raise RowProblem("wrong type", f"{where} must be an object with role/content (or from/value), got {type(value).__name__}")
+        raise RowProblem(
+            "wrong type", f"{where} must be an object with role/content (or from/value), got {type(value).__name__}"
+        )
     role = value.get("role", value.get("from"))
     content = value.get("content", value.get("value"))
     if role is None or content is None:
@@ -110,7 +118,9 @@ def check_conversation(turns: list[dict[str, str]], column: str) -> list[dict[st
                 "(after an optional system turn, user and assistant must alternate)",
             )
     if body[-1]["role"] != "assistant":
-        raise RowProblem("bad conversation", f"column '{column}' ends with a user turn; the last turn must be the assistant's answer")
+        raise RowProblem(
+            "bad conversation", f"column '{column}' ends with a user turn; the last turn must be the assistant's answer"
+        )
     return turns
 
 
@@ -141,7 +151,9 @@ def _chat_turns(values: dict[str, Any], source: SourceConfig) -> list[dict[str, 
     elif isinstance(raw, list):
         turns = [_turn(value, index, column) for index, value in enumerate(raw, start=1)]
     else:
-        raise RowProblem("wrong type", f"column '{column}' must be a list of turns or tagged text, got {type(raw).__name__}")
+        raise RowProblem(
+            "wrong type", f"column '{column}' must be a list of turns or tagged text, got {type(raw).__name__}"
+        )
     system = _text(values, column_of(source, "system"), False)
     if system and not (turns and turns[0]["role"] == "system"):
         turns.insert(0, {"role": "system", "content": system})
@@ -195,12 +207,15 @@ def _missing_columns(rows: list[Row], source: SourceConfig) -> list[str]:
 
 def read_records(name: str, source: SourceConfig) -> tuple[list[dict[str, Any]], list[Problem], int]:
     """Records of one source, the problems of its rows, and how many rows were read."""
-    rows, unreadable = read_source(source.path, source_format(source.path, source.format), source.dataset_split, source.revision)
+    rows, unreadable = read_source(
+        source.path, source_format(source.path, source.format), source.dataset_split, source.revision
+    )
     missing = _missing_columns(rows, source)
     if rows and missing:
         present = sorted(set().union(*(row.values.keys() for row in rows)))
         raise DataError(
-            f"{source.path}: missing column(s) {', '.join(repr(c) for c in missing)} (found: {', '.join(present) or 'none'}). "
+            f"{source.path}: missing column(s) {', '.join(repr(c) for c in missing)} (found: "
+            f"{', '.join(present) or 'none'}). "
             f"Rename them in the file or map them with data.sources.{name}.columns "
             f"(fields for kind {source.kind}: {', '.join(KIND_FIELDS[source.kind])})."
         )
@@ -221,14 +236,22 @@ def find_duplicates(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
         key = content_key(record)
         if key in first:
             location = record["source"]
-            problems.append(Problem(location, "duplicate", f"{location}: duplicate of {first[key]} (same text up to case, spacing and punctuation)."))
+            problems.append(
+                Problem(
+                    location,
+                    "duplicate",
+                    f"{location}: duplicate of {first[key]} (same text up to case, spacing and punctuation).",
+                )
+            )
         else:
             first[key] = record["source"]
             kept.append(record)
     return kept, problems
 
 
-def random_split(records: list[dict[str, Any]], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[dict[str, Any]]]:
+def random_split(
+    records: list[dict[str, Any]], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[dict[str, Any]]]:
     """Deterministic split by normalised prompt: records asking the same thing share a split."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for record in records:
@@ -257,7 +280,12 @@ def find_leaks(splits: dict[str, list[dict[str, Any]]]) -> tuple[list[dict[str, 
         other = held_out.get(prompt_key(record))
         if other:
             problems.append(
-                Problem(record["source"], "leak", f"{record['source']}: training prompt also in {other} (compared ignoring case, spacing and punctuation).")
+                Problem(
+                    record["source"],
+                    "leak",
+                    f"{record['source']}: training prompt also in {other} (compared ignoring case, spacing and "
+                    "punctuation).",
+                )
             )
         else:
             kept.append(record)
@@ -287,7 +315,10 @@ class Issues:
         if found and self.policy == "fail":
             first = found[0]
             more = f" ({len(found) - 1} more like it)" if len(found) > 1 else ""
-            raise DataError(f"{first.message.rstrip('.')}{more}. Fix the data, or set data.on_invalid=skip to drop and count such rows.")
+            raise DataError(
+                f"{first.message.rstrip('.')}{more}. Fix the data, or set data.on_invalid=skip to drop and count such "
+                "rows."
+            )
         self.problems += found
 
     def stats(self) -> dict[str, Any]:
@@ -313,7 +344,13 @@ def prepare_data(data: Any) -> PreparedData:
         found, problems, rows_read = read_records(name, source)
         issues.add(problems)
         records += found
-        sources[name] = {"path": source.path, "kind": source.kind, "rows_read": rows_read, "split": source.split, "weight": source.weight}
+        sources[name] = {
+            "path": source.path,
+            "kind": source.kind,
+            "rows_read": rows_read,
+            "split": source.split,
+            "weight": source.weight,
+        }
     records, duplicates = find_duplicates(records)
     issues.add(duplicates)
     given = [r for r in records if data.sources[r["origin"]].split is None]
@@ -325,7 +362,9 @@ def prepare_data(data: Any) -> PreparedData:
     issues.add(leaks)
     for name in ("train", "test"):
         if not splits[name]:
-            raise DataError(f"the {name} split is empty; add data, give a source split: {name}, or change data.test_fraction.")
+            raise DataError(
+                f"the {name} split is empty; add data, give a source split: {name}, or change data.test_fraction."
+            )
     weights = {name: source.weight for name, source in data.sources.items()}
     splits["train"] = weighted(splits["train"], weights, data.split_seed)
     stats = {
@@ -337,15 +376,3 @@ def prepare_data(data: Any) -> PreparedData:
         **issues.stats(),
     }
     return PreparedData(splits=splits, stats=stats)
-
-
-def run_prepare(config: Any, prepared_dir: Path, stats_path: Path) -> PreparedData:
-    """The prepare stage: write `<split>.jsonl` for each split and the stats JSON."""
-    from .outputs import write_json, write_jsonl
-
-    prepared = prepare_data(config.data)
-    prepared_dir.mkdir(parents=True)
-    for name, records in prepared.splits.items():
-        write_jsonl(prepared_dir / f"{name}.jsonl", records)
-    write_json(stats_path, prepared.stats)
-    return prepared

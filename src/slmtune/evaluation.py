@@ -4,30 +4,27 @@ the optional quality gate. Classification: accuracy, macro F1 and loss."""
 
 from __future__ import annotations
 
+import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
+import evaluate
 import torch
+from datasets import load_from_disk
+from peft import PeftModel
+from transformers import DataCollatorWithPadding, set_seed
 
-from .config import GATE_METRICS, Config, ConfigError, config_to_dict
-from .lineage import read_provenance
-from .outputs import read_jsonl, write_json, write_jsonl
+from .config import Config
+from .errors import QualityGateError
+from .inference import generate_answers
+from .metrics import MODULES_DIR, PER_EXAMPLE, TEXT_MODULES, lower_is_better
+from .modeling import is_adapter, load_model, load_tokenizer
+from .outputs import read_jsonl
 from .prompting import IGNORE_INDEX, generation_prompt, padding_collator
-from .tracking import evaluation_run
 
-METRICS_DIR = Path(__file__).parent / "metrics"
-TEXT_METRICS = ("bleu", "rouge", "answer_match", "contains_match")
-PER_EXAMPLE = ("bleu", "rouge1", "rouge2", "rougeL", "exact_match", "token_f1", "contains")
-"""Text metrics with a score per example (BLEU: smoothed sentence BLEU), averaged per category."""
-LOWER_IS_BETTER = {"loss", "perplexity"}
 PARITY_TOLERANCE = 1e-4
 """Largest test-loss difference between the merged model and base + adapter."""
-
-
-class QualityGateError(ConfigError):
-    """The tuned model is worse than the base by more than `eval.gate_max_drop` on `eval.gate_metric`."""
 
 
 @torch.no_grad()
@@ -57,51 +54,31 @@ def response_loss(model: Any, tokenizer: Any, dataset: Any, batch_size: int) -> 
     return mean_loss(response_losses(model, tokenizer, dataset, batch_size))
 
 
-@torch.no_grad()
-def generate_answers(model: Any, tokenizer: Any, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers, batched with left padding; decoding stops at EOS."""
-    model.eval()
-    pad = tokenizer.pad_token_id
-    answers = []
-    for start in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[start : start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk])
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=pad,
-        )
-        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
-    return answers
-
-
 def generation_settings(config: Config) -> dict[str, Any]:
     """How the test answers are produced, recorded with the metrics."""
-    return {"do_sample": False, "num_beams": 1, "max_new_tokens": config.eval.max_new_tokens,
-            "batch_size": config.eval.batch_size, "seed": config.train.seed, "stop": "eos"}  # fmt: skip
+    return {
+        "do_sample": False,
+        "num_beams": 1,
+        "max_new_tokens": config.eval.max_new_tokens,
+        "batch_size": config.eval.batch_size,
+        "seed": config.train.seed,
+        "stop": "eos",
+    }
 
 
 def text_metrics(predictions: list[str], references: list[str]) -> dict[str, Any]:
     """BLEU, ROUGE-1/2/L, exact match, token F1 and contains-match through the project's local `evaluate`
     modules (no hub access)."""
-    import evaluate
-
     results: dict[str, Any] = {}
-    for name in TEXT_METRICS:
-        results.update(evaluate.load(str(METRICS_DIR / name)).compute(predictions=predictions, references=references))
+    for name in TEXT_MODULES:
+        results.update(evaluate.load(str(MODULES_DIR / name)).compute(predictions=predictions, references=references))
     return results
 
 
-def score_model(model: Any, tokenizer: Any, config: Config, test_tokens: Any, prompt_ids: list[list[int]], references: list[str]) -> tuple[dict[str, float], dict[str, Any]]:
+def score_model(
+    model: Any, tokenizer: Any, config: Config, test_tokens: Any, prompt_ids: list[list[int]], references: list[str]
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Loss, perplexity and text metrics of one model; returns (summary, per-example scores, answers and losses)."""
-    from transformers import set_seed
-
     losses = response_losses(model, tokenizer, test_tokens, config.eval.batch_size)
     loss = mean_loss(losses)
     set_seed(config.train.seed)
@@ -120,31 +97,19 @@ def question_text(record: dict[str, Any]) -> str:
     return user["content"] + (f" — {user['input']}" if user.get("input") else "")
 
 
-def is_adapter(path: str | Path) -> bool:
-    """A peft adapter folder (else a full fine-tuned model folder)."""
-    return (Path(path) / "adapter_config.json").is_file()
-
-
 def base_model(config: Config, labels: list[str] | None, pad_token_id: int) -> Any:
     """The base model as training started from it: quantised like the method loads it; a classifier's new
     head initialised from the training seed (so that "base" scores the head training began with)."""
-    from transformers import set_seed
-
-    from .modeling import load_model
-
     set_seed(config.train.seed)
     return load_model(config.paths.base_model, config.model.dtype, config.method, labels, pad_token_id)
 
 
-def score_base_and_tuned(config: Config, labels: list[str] | None, pad_token_id: int, score: Any,
-                         merged: bool = False) -> tuple[Any, Any, Any]:  # fmt: skip
+def score_base_and_tuned(
+    config: Config, labels: list[str] | None, pad_token_id: int, score: Any, merged: bool = False
+) -> tuple[Any, Any, Any]:
     """`score(model)` for the tuned model, then for the base: one model with the adapter switched off,
     or (full fine-tuning) the saved model and the base loaded in turn. With `merged`, an adapter is then
     merged into the base weights and scored a third time (else None): the merge parity."""
-    from peft import PeftModel
-
-    from .modeling import load_model
-
     adapter = config.paths.adapter
     if is_adapter(adapter):
         model = PeftModel.from_pretrained(base_model(config, labels, pad_token_id), adapter)
@@ -158,8 +123,6 @@ def score_base_and_tuned(config: Config, labels: list[str] | None, pad_token_id:
 
 def test_prompts(config: Config, tokenizer: Any) -> tuple[list[dict[str, Any]], list[str], list[list[int]], list[str]]:
     """The test records that kept a tokenized row, with each one's prompt text, prompt ids and reference."""
-    from datasets import load_from_disk
-
     kept = set(load_from_disk(config.paths.tokenized)["test"]["source"])
     records = [r for r in read_jsonl(Path(config.paths.prepared) / "test.jsonl") if "text" in r or r["source"] in kept]
     prompts, prompt_ids, references = [], [], []
@@ -171,16 +134,26 @@ def test_prompts(config: Config, tokenizer: Any) -> tuple[list[dict[str, Any]], 
     return records, prompts, prompt_ids, references
 
 
-def parity(adapter: tuple[dict[str, float], dict[str, Any]], merged: tuple[dict[str, float], dict[str, Any]]) -> dict[str, Any]:
+def parity(
+    adapter: tuple[dict[str, float], dict[str, Any]], merged: tuple[dict[str, float], dict[str, Any]]
+) -> dict[str, Any]:
     """Merged model vs base + adapter: test loss difference and identical greedy answers."""
     same = sum(a == b for a, b in zip(adapter[1]["answers"], merged[1]["answers"]))
     difference = abs(merged[0]["loss"] - adapter[0]["loss"])
-    return {"adapter_loss": adapter[0]["loss"], "merged_loss": merged[0]["loss"], "loss_difference": difference,
-            "tolerance": PARITY_TOLERANCE, "identical_answers": same, "answers": len(adapter[1]["answers"]),
-            "ok": difference <= PARITY_TOLERANCE and same == len(adapter[1]["answers"])}  # fmt: skip
+    return {
+        "adapter_loss": adapter[0]["loss"],
+        "merged_loss": merged[0]["loss"],
+        "loss_difference": difference,
+        "tolerance": PARITY_TOLERANCE,
+        "identical_answers": same,
+        "answers": len(adapter[1]["answers"]),
+        "ok": difference <= PARITY_TOLERANCE and same == len(adapter[1]["answers"]),
+    }
 
 
-def by_category(records: list[dict[str, Any]], token_sources: list[str], details: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def by_category(
+    records: list[dict[str, Any]], token_sources: list[str], details: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """Per category (where the test records have one): example count and, for base and tuned, the loss
     over the category's response tokens and the mean of each per-example text metric."""
     categories = [record.get("category") or "" for record in records]
@@ -194,7 +167,9 @@ def by_category(records: list[dict[str, Any]], token_sources: list[str], details
         entry: dict[str, Any] = {"examples": len(rows)}
         for model, detail in details.items():
             loss = mean_loss([detail["losses"][i] for i in token_rows]) if token_rows else float("nan")
-            entry[model] = {"loss": loss} | {name: sum(detail[name][i] for i in rows) / len(rows) for name in PER_EXAMPLE}
+            entry[model] = {"loss": loss} | {
+                name: sum(detail[name][i] for i in rows) / len(rows) for name in PER_EXAMPLE
+            }
         table[category or "(none)"] = entry
     return table
 
@@ -205,23 +180,27 @@ def check_gate(config: Config, metrics: dict[str, Any]) -> dict[str, Any] | None
     if not name:
         return None
     base, tuned = metrics["base"][name], metrics["tuned"][name]
-    drop = tuned - base if name in LOWER_IS_BETTER else base - tuned
-    verdict = {"metric": name, "base": base, "tuned": tuned, "drop": drop, "max_drop": config.eval.gate_max_drop,
-               "passed": drop <= config.eval.gate_max_drop}  # fmt: skip
+    drop = tuned - base if lower_is_better(name) else base - tuned
+    verdict = {
+        "metric": name,
+        "base": base,
+        "tuned": tuned,
+        "drop": drop,
+        "max_drop": config.eval.gate_max_drop,
+        "passed": drop <= config.eval.gate_max_drop,
+    }
     if not verdict["passed"]:
-        direction = "higher" if name in LOWER_IS_BETTER else "lower"
-        raise QualityGateError(f"quality gate failed: tuned {name} {tuned:.4f} is {drop:.4f} {direction} than the base's "
-                               f"{base:.4f}, more than eval.gate_max_drop={config.eval.gate_max_drop}; nothing written. "
-                               "Fix the training, or raise eval.gate_max_drop / unset eval.gate_metric.")  # fmt: skip
+        direction = "higher" if lower_is_better(name) else "lower"
+        raise QualityGateError(
+            f"quality gate failed: tuned {name} {tuned:.4f} is {drop:.4f} {direction} than the base's "
+            f"{base:.4f}, more than eval.gate_max_drop={config.eval.gate_max_drop}; nothing written. "
+            "Fix the training, or raise eval.gate_max_drop / unset eval.gate_metric."
+        )
     return verdict
 
 
 def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score the base model, base + adapter (or the fully fine-tuned model) and the merged adapter on the test split."""
-    from datasets import load_from_disk
-
-    from .modeling import load_tokenizer
-
     if config.model.task == "classification":
         return evaluate_classifier(config)
     tokenizer = load_tokenizer(config.paths.base_model)
@@ -231,11 +210,18 @@ def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[s
     test_tokens = test_tokens.select_columns(["input_ids", "labels"])
 
     base, tuned, merged = score_base_and_tuned(
-        config, None, tokenizer.pad_token_id, lambda model: score_model(model, tokenizer, config, test_tokens, prompt_ids, references),
+        config,
+        None,
+        tokenizer.pad_token_id,
+        lambda model: score_model(model, tokenizer, config, test_tokens, prompt_ids, references),
         merged=config.eval.merge_parity,
-    )  # fmt: skip
-    metrics: dict[str, Any] = {"base": base[0], "tuned": tuned[0], "test_examples": len(records),
-                               "generation": generation_settings(config)}  # fmt: skip
+    )
+    metrics: dict[str, Any] = {
+        "base": base[0],
+        "tuned": tuned[0],
+        "test_examples": len(records),
+        "generation": generation_settings(config),
+    }
     categories = by_category(records, token_sources, {"base": base[1], "tuned": tuned[1]})
     if categories:
         metrics["by_category"] = categories
@@ -251,7 +237,11 @@ def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[s
             "base": base[1]["answers"][i],
             "tuned": tuned[1]["answers"][i],
         }
-        | {f"{model}_{name}": detail[1][name][i] for model, detail in (("base", base), ("tuned", tuned)) for name in PER_EXAMPLE}
+        | {
+            f"{model}_{name}": detail[1][name][i]
+            for model, detail in (("base", base), ("tuned", tuned))
+            for name in PER_EXAMPLE
+        }
         for i, (record, prompt, reference) in enumerate(zip(records, prompts, references))
     ]
     return metrics, generations
@@ -260,8 +250,6 @@ def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[s
 @torch.no_grad()
 def classify(model: Any, tokenizer: Any, dataset: Any, batch_size: int) -> tuple[list[int], float]:
     """Predicted class index per example and the mean cross-entropy against the true classes."""
-    from transformers import DataCollatorWithPadding
-
     collator = DataCollatorWithPadding(tokenizer, padding="longest")
     model.eval()
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset]
@@ -276,20 +264,13 @@ def classify(model: Any, tokenizer: Any, dataset: Any, batch_size: int) -> tuple
 
 def evaluate_classifier(config: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Accuracy, macro F1 and loss of the base classifier (its untrained head) and the tuned one on the test split."""
-    import json
-
-    import evaluate
-    from datasets import load_from_disk
-
-    from .modeling import load_tokenizer
-
     tokenizer = load_tokenizer(config.paths.base_model)
     labels = json.loads(Path(config.paths.token_stats).read_text(encoding="utf-8"))["labels"]
     test = load_from_disk(config.paths.tokenized)["test"]
     by_source = {r["source"]: r for r in read_jsonl(Path(config.paths.prepared) / "test.jsonl")}
     records = [by_source[source] for source in test["source"]]
     references = [labels[i] for i in test["labels"]]
-    metric = evaluate.load(str(METRICS_DIR / "classification"))
+    metric = evaluate.load(str(MODULES_DIR / "classification"))
 
     def score(model: Any) -> tuple[dict[str, float], list[str]]:
         indices, loss = classify(model, tokenizer, test, config.eval.batch_size)
@@ -297,7 +278,9 @@ def evaluate_classifier(config: Config) -> tuple[dict[str, Any], list[dict[str, 
         result = metric.compute(predictions=predicted, references=references)
         return {"accuracy": result["accuracy"], "f1": result["f1"], "loss": loss}, predicted
 
-    (base, base_predicted), (tuned, tuned_predicted), _ = score_base_and_tuned(config, labels, tokenizer.pad_token_id, score)
+    (base, base_predicted), (tuned, tuned_predicted), _ = score_base_and_tuned(
+        config, labels, tokenizer.pad_token_id, score
+    )
     metrics = {"base": base, "tuned": tuned, "test_examples": len(records), "labels": labels}
     generations = [
         {
@@ -316,32 +299,15 @@ def evaluate_classifier(config: Config) -> tuple[dict[str, Any], list[dict[str, 
     return metrics, generations
 
 
-def run_evaluation(config: Config, metrics_path: Path, generations_path: Path) -> dict[str, Any]:
-    """The evaluate stage: score both models, log them to this execution's MLflow run, write metrics
-    (with that run's id, so that `dvc exp show` links each experiment to its run) and generations."""
-    import mlflow
+def test_loss(model: Any, tokenizer: Any, config: Config) -> float:
+    """Mean loss over the response tokens of the tokenized test split."""
+    tokens = load_from_disk(config.paths.tokenized)["test"].select_columns(["input_ids", "labels"])
+    return response_loss(model, tokenizer, tokens, config.eval.batch_size)
 
-    metrics, generations = evaluate_base_and_tuned(config)
-    gate = check_gate(config, metrics)
-    if gate:
-        metrics["quality_gate"] = gate
-    adapter_run_id = read_provenance(config.paths.adapter)["mlflow"]["run_id"]
-    with evaluation_run(config.tracking, adapter_run_id, config_to_dict(config)) as run:
-        for model_name in ("base", "tuned"):
-            mlflow.log_metrics({f"test/{model_name}/{k}": v for k, v in metrics[model_name].items() if isinstance(v, (int, float))})
-        for category, entry in metrics.get("by_category", {}).items():
-            key = re.sub(r"[^\w\-. ]", "_", category)
-            for model_name in ("base", "tuned"):
-                mlflow.log_metrics({f"test/{model_name}/{key}/{k}": v for k, v in entry[model_name].items() if math.isfinite(v)})
-        if "merge_parity" in metrics:
-            mlflow.log_metrics({f"merge_parity/{k}": float(v) for k, v in metrics["merge_parity"].items()})
-        if gate:
-            mlflow.log_metrics({"quality_gate/passed": 1.0, "quality_gate/drop": gate["drop"]})
-        if "generation" in metrics:
-            mlflow.log_dict(metrics["generation"], "config/generation.json")
-        metrics["mlflow_run_id"] = run.info.run_id
-        write_json(metrics_path, metrics)
-        write_jsonl(generations_path, generations)
-        mlflow.log_artifact(str(metrics_path), "reports")
-        mlflow.log_artifact(str(generations_path), "reports")
-    return metrics
+
+def test_loss_and_answers(model: Any, tokenizer: Any, config: Config) -> tuple[float, list[str]]:
+    """Test-split loss (response tokens) and greedy answers to the test prompts: what a merge or an export
+    must keep unchanged."""
+    prompt_ids = test_prompts(config, tokenizer)[2]
+    answers = generate_answers(model, tokenizer, prompt_ids, config.eval.max_new_tokens, config.eval.batch_size)
+    return test_loss(model, tokenizer, config), answers

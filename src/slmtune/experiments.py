@@ -8,6 +8,7 @@ experiment (the train stage of that experiment resumes it), and a ranked report 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,10 +17,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dvc.api
+import mlflow
 import yaml
+from dvc.repo import Repo
+from dvc.utils.hydra import get_hydra_sweeps, to_hydra_overrides
+from mlflow.artifacts import download_artifacts
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from .config import Config, compose_params, load_config
+from .errors import ExperimentError
 from .lineage import file_md5, git_state
+from .metrics import direction
+from .outputs import staged_outputs
+from .reports.sweep import plot_sweep, rank_experiments, render_sweep_report
 from .tracking import (
     ADAPTER_RUN_TAG,
     BASELINE_TAG,
@@ -43,35 +56,39 @@ POLL_S = 3.0
 METRICS_TOLERANCE = 1e-6
 
 
-class ExperimentError(RuntimeError):
-    """A sweep or reproduction that cannot go on, worded for the person who has to fix it."""
-
-
-def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None, capture: bool = True) -> subprocess.CompletedProcess:
+def _run(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, capture: bool = True
+) -> subprocess.CompletedProcess:
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=capture, text=True)
     if result.returncode != 0:
         detail = (result.stderr or result.stdout or "").strip().splitlines()
-        raise ExperimentError(f"`{' '.join(args)}` failed: {detail[-1] if detail else 'exit ' + str(result.returncode)}")
+        raise ExperimentError(
+            f"`{' '.join(args)}` failed: {detail[-1] if detail else 'exit ' + str(result.returncode)}"
+        )
     return result
 
 
 def sweep_points(overrides: list[str]) -> list[list[str]]:
     """Every grid point of Hydra sweep overrides (`a=1,2 b=x` -> `[a=1 b=x], [a=2 b=x]`), as DVC expands them."""
-    from dvc.utils.hydra import get_hydra_sweeps
-
     return [point["params.yaml"] for point in get_hydra_sweeps({"params.yaml": overrides})]
 
 
 def swept_keys(overrides: list[str]) -> list[str]:
     """The keys that take several values in a sweep."""
-    from dvc.utils.hydra import to_hydra_overrides
-
     return [o.key_or_group for o in to_hydra_overrides(overrides) if o.is_sweep_override()]
 
 
 def untracked_pipeline_files(root: Path, config: Config) -> list[str]:
     """Untracked files a queued experiment would miss: under conf/, stages/, src/, the raw data folder or a source."""
-    watched = ["conf/", "stages/", "src/", "dvc.yaml", "dvc.lock", "params.yaml", config.paths.raw_data.rstrip("/") + "/"]
+    watched = [
+        "conf/",
+        "stages/",
+        "src/",
+        "dvc.yaml",
+        "dvc.lock",
+        "params.yaml",
+        config.paths.raw_data.rstrip("/") + "/",
+    ]
     watched += [source.path for source in config.data.sources.values() if source.format != "hub"]
     lines = _run(["git", "status", "--porcelain", "--untracked-files=all"], root).stdout.splitlines()
     untracked = [line[3:] for line in lines if line.startswith("??")]
@@ -105,10 +122,11 @@ def check_sweep_inputs(root: Path, config: Config, overrides: list[str]) -> list
 
 def queue_status(root: Path) -> dict[str, dict[str, Any]]:
     """Task rev -> {name, status} for every experiment DVC's queue knows."""
-    from dvc.repo import Repo
-
     with Repo(str(root)) as repo:
-        return {task["rev"]: {"name": task.get("name"), "status": task["status"]} for task in repo.experiments.celery_queue.status()}
+        return {
+            task["rev"]: {"name": task.get("name"), "status": task["status"]}
+            for task in repo.experiments.celery_queue.status()
+        }
 
 
 def queue_experiments(root: Path, overrides: list[str]) -> dict[str, str]:
@@ -156,8 +174,6 @@ def wait_for(root: Path, tasks: dict[str, str]) -> dict[str, str]:
 
 def experiment_rows(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """Name -> flat params and metrics of finished experiments, as `dvc exp show` lists them."""
-    import dvc.api
-
     rows = {}
     for row in dvc.api.exp_show(repo=str(root)):
         if row.get("Experiment") in names:
@@ -167,8 +183,6 @@ def experiment_rows(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
 
 def schedule_child_runs(experiment_id: str, parent_id: str, names: list[str], baseline: str) -> dict[str, str]:
     """One SCHEDULED MLflow run per queued experiment, nested under the sweep's parent run."""
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient()
     children = {}
     for name in names:
@@ -182,9 +196,6 @@ def schedule_child_runs(experiment_id: str, parent_id: str, names: list[str], ba
 def close_child_runs(children: dict[str, str], states: dict[str, str], rows: dict[str, dict[str, Any]]) -> None:
     """Children no stage resumed: FAILED for failed experiments; for experiments DVC restored whole from
     its run cache, the restored params and metrics, linked to the run that computed them."""
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient()
     now = int(time.time() * 1000)
     for name, run_id in children.items():
@@ -194,8 +205,11 @@ def close_child_runs(children: dict[str, str], states: dict[str, str], rows: dic
             client.set_terminated(run_id, status="FAILED")
             continue
         row = rows[name]
-        metrics = [Metric(f"test/{k.replace('.', '/')}", float(v), now, 0) for k, v in row.items()
-                   if k.split(".")[0] in ("base", "tuned") and isinstance(v, (int, float)) and not isinstance(v, bool)]  # fmt: skip
+        metrics = [
+            Metric(f"test/{k.replace('.', '/')}", float(v), now, 0)
+            for k, v in row.items()
+            if k.split(".")[0] in ("base", "tuned") and isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
         params = [Param(k, str(v)) for k, v in row.items() if k.split(".")[0] in CONFIG_SECTIONS]
         client.log_batch(run_id, metrics=metrics, params=params)
         client.set_tag(run_id, ADAPTER_RUN_TAG, str(row.get("mlflow_run_id")))
@@ -203,25 +217,37 @@ def close_child_runs(children: dict[str, str], states: dict[str, str], rows: dic
         client.set_terminated(run_id, status="FINISHED")
 
 
-def metric_direction(metric: str, direction: str | None) -> str:
-    """min or max for the ranking metric: given, or known from the metric's name."""
-    from .reporting import METRIC_ROWS
-
-    if direction:
-        return direction
-    better = {key: ("min" if b == "lower" else "max") for key, _, b in METRIC_ROWS}
-    name = metric.split(".")[-1]
-    if name not in better:
+def metric_direction(metric: str, given: str | None) -> str:
+    """min or max for the ranking metric: given, or known from the metric registry."""
+    known = given or direction(metric)
+    if known is None:
         raise ExperimentError(f"metric '{metric}': unknown direction; add --direction min or --direction max")
-    return better[name]
+    return known
+
+
+def write_sweep_report(
+    config: Config,
+    rows: dict[str, dict[str, Any]],
+    states: dict[str, str],
+    children: dict[str, str],
+    swept: list[str],
+    metric: str,
+    order: str,
+    parent_id: str,
+) -> dict[str, Any]:
+    """Write `sweep.md` and its plot; return the best experiment's name and metric value."""
+    link = os.path.relpath(config.paths.sweep_plot, Path(config.paths.sweep_report).parent)
+    with staged_outputs(config.paths.sweep_report, config.paths.sweep_plot) as (report_path, plot_path):
+        plot_sweep(plot_path, rows, swept, metric)
+        report = render_sweep_report(rows, states, children, swept, metric, order, parent_id, link)
+        report_path.write_text(report, encoding="utf-8")
+    ranked = rank_experiments(rows, metric, order)
+    best = ranked[0] if ranked and isinstance(rows[ranked[0]].get(metric), (int, float)) else None
+    return {"best": best, "best_value": float(rows[best][metric]) if best else None}
 
 
 def run_sweep(root: Path, overrides: list[str], jobs: int, metric: str, direction: str | None) -> int:
     """The `slmtune sweep` command; returns the exit code (1 when any experiment failed)."""
-    import mlflow
-
-    from .reporting import write_sweep_report
-
     root = root.resolve()
     os.chdir(root)
     config = load_config()
@@ -234,8 +260,15 @@ def run_sweep(root: Path, overrides: list[str], jobs: int, metric: str, directio
     experiment_id = open_store(config.tracking)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"sweep {' '.join(overrides)}"[:250]) as parent:
         mlflow.set_tags({SWEEP_TAG: "parent", BASELINE_TAG: baseline})
-        mlflow.log_params({"sweep.overrides": " ".join(overrides)[:6000], "sweep.metric": metric,
-                           "sweep.direction": order, "sweep.jobs": jobs, "sweep.size": len(points)})  # fmt: skip
+        mlflow.log_params(
+            {
+                "sweep.overrides": " ".join(overrides)[:6000],
+                "sweep.metric": metric,
+                "sweep.direction": order,
+                "sweep.jobs": jobs,
+                "sweep.size": len(points),
+            }
+        )
         tasks = queue_experiments(root, overrides)
         children = schedule_child_runs(experiment_id, parent.info.run_id, list(tasks.values()), baseline)
         print(f"queued {', '.join(tasks.values())}; MLflow parent run {parent.info.run_id}", flush=True)
@@ -243,7 +276,9 @@ def run_sweep(root: Path, overrides: list[str], jobs: int, metric: str, directio
         states = wait_for(root, tasks)
         rows = experiment_rows(root, [name for name, state in states.items() if state == "Success"])
         close_child_runs(children, states, rows)
-        summary = write_sweep_report(config, rows, states, children, swept_keys(overrides), metric, order, parent.info.run_id)
+        summary = write_sweep_report(
+            config, rows, states, children, swept_keys(overrides), metric, order, parent.info.run_id
+        )
         mlflow.log_artifact(config.paths.sweep_report, "sweep")
         mlflow.log_artifact(config.paths.sweep_plot, "sweep")
         if summary["best"]:
@@ -252,7 +287,10 @@ def run_sweep(root: Path, overrides: list[str], jobs: int, metric: str, directio
     failed = [name for name, state in states.items() if state != "Success"]
     print(f"wrote {config.paths.sweep_report} and {config.paths.sweep_plot}; best: {summary['best']}", flush=True)
     if failed:
-        print(f"error: {len(failed)} experiment(s) failed: {', '.join(failed)}; see `dvc queue logs <name>`", file=sys.stderr)
+        print(
+            f"error: {len(failed)} experiment(s) failed: {', '.join(failed)}; see `dvc queue logs <name>`",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -265,23 +303,27 @@ def find_exp_ref(root: Path, name: str) -> str | None:
 
 def reproduction_plan(root: Path, config: Config, run_id: str) -> dict[str, Any]:
     """What an MLflow run was made from and the commands that make it again."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     open_store(config.tracking)
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException:
-        raise ExperimentError(f"MLflow run '{run_id}' not found in {config.tracking.tracking_uri or 'mlflow.db'}") from None
+        raise ExperimentError(
+            f"MLflow run '{run_id}' not found in {config.tracking.tracking_uri or 'mlflow.db'}"
+        ) from None
     tags = run.data.tags
     if "mlflow.source.git.commit" not in tags and ADAPTER_RUN_TAG not in tags:
-        raise ExperimentError(f"MLflow run '{run_id}' was not made by the pipeline (no commit or adapter tag); give a train or evaluate run id")
+        raise ExperimentError(
+            f"MLflow run '{run_id}' was not made by the pipeline (no commit or adapter tag); give a train or evaluate "
+            "run id"
+        )
     name = tags.get(EXP_NAME_TAG, "workspace")
     commit = tags.get("mlflow.source.git.commit") or tags.get(BASELINE_TAG)
     ref = find_exp_ref(root, name) if name != "workspace" else None
     adapter_run = tags.get(ADAPTER_RUN_TAG, run_id)
     adapter_tags = tags if adapter_run == run_id else _run_tags(adapter_run)
-    commands = [f"dvc exp apply {name}", "dvc repro --force"] if ref else [f"git checkout {commit}", "dvc repro --force"]
+    commands = (
+        [f"dvc exp apply {name}", "dvc repro --force"] if ref else [f"git checkout {commit}", "dvc repro --force"]
+    )
     return {
         "run_id": run_id,
         "adapter_run_id": adapter_run,
@@ -289,7 +331,9 @@ def reproduction_plan(root: Path, config: Config, run_id: str) -> dict[str, Any]
         "exp_ref": ref,
         "baseline": tags.get(BASELINE_TAG),
         "commit": commit,
-        "metrics": {k: v for k, v in run.data.metrics.items() if k.startswith("test/") and k.count("/") == 2},  # not per category
+        "metrics": {
+            k: v for k, v in run.data.metrics.items() if k.startswith("test/") and k.count("/") == 2
+        },  # not per category
         "threads": adapter_tags.get(THREADS_TAG),
         "uncommitted": [f for f in adapter_tags.get(DIRTY_FILES_TAG, "").split() if f not in EXPERIMENT_FILES],
         "commands": commands,
@@ -298,9 +342,6 @@ def reproduction_plan(root: Path, config: Config, run_id: str) -> dict[str, Any]
 
 def _run_tags(run_id: str) -> dict[str, str]:
     """A run's tags; none when the run is not in this store (an adapter restored from elsewhere)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     try:
         return MlflowClient().get_run(run_id).data.tags
     except MlflowException:
@@ -308,12 +349,17 @@ def _run_tags(run_id: str) -> dict[str, str]:
 
 
 def print_plan(plan: dict[str, Any]) -> None:
-    print(f"MLflow run {plan['run_id']}: DVC experiment '{plan['exp_name']}', baseline {plan['baseline']}, code {plan['commit']}")
+    print(
+        f"MLflow run {plan['run_id']}: DVC experiment '{plan['exp_name']}', baseline {plan['baseline']}, code "
+        f"{plan['commit']}"
+    )
     if plan["exp_ref"]:
         print(f"experiment ref: {plan['exp_ref']}")
     if plan["uncommitted"]:
-        print(f"warning: the run's code had uncommitted changes ({', '.join(plan['uncommitted'])}): "
-              "a reproduction from the commit may differ")  # fmt: skip
+        print(
+            f"warning: the run's code had uncommitted changes ({', '.join(plan['uncommitted'])}): "
+            "a reproduction from the commit may differ"
+        )
     print("reproduce in this workspace (replaces its params and outputs):")
     for command in plan["commands"]:
         print(f"  {command}")
@@ -323,10 +369,6 @@ def print_plan(plan: dict[str, Any]) -> None:
 def reproduce_run(root: Path, config: Config, plan: dict[str, Any], keep: bool = False) -> int:
     """Check out the run's commit in a temporary worktree, write the run's resolved config as its
     params.yaml, run the whole pipeline there (own cache: nothing reused) and compare the test metrics."""
-    import json
-
-    from mlflow.artifacts import download_artifacts
-
     resolved_path = download_artifacts(run_id=plan["run_id"], artifact_path="config/resolved.yaml")
     resolved = yaml.safe_load(Path(resolved_path).read_text(encoding="utf-8"))
     resolved["tracking"]["tracking_uri"] = resolved["tracking"]["tracking_uri"] or tracking_uri(config.tracking, root)
@@ -351,9 +393,9 @@ def reproduce_run(root: Path, config: Config, plan: dict[str, Any], keep: bool =
 def compare_adapter_weights(plan: dict[str, Any], adapter_dir: Path) -> int:
     """md5 of the reproduced adapter weights (the whole model's after full fine-tuning) against those the
     original run logged; 0 when equal."""
-    from mlflow.artifacts import download_artifacts
-
-    weights = "adapter_model.safetensors" if (adapter_dir / "adapter_model.safetensors").exists() else "model.safetensors"
+    weights = (
+        "adapter_model.safetensors" if (adapter_dir / "adapter_model.safetensors").exists() else "model.safetensors"
+    )
     recorded = file_md5(download_artifacts(run_id=plan["adapter_run_id"], artifact_path=f"adapter/{weights}"))
     again = file_md5(adapter_dir / weights)
     print(f"{'MATCH' if recorded == again else 'MISMATCH':9} {weights:28} recorded {recorded}  reproduced {again}")
@@ -368,6 +410,20 @@ def compare_metrics(recorded: dict[str, float], reproduced: dict[str, Any]) -> i
         again = reproduced.get(model, {}).get(name)
         same = again is not None and abs(again - value) <= METRICS_TOLERANCE * max(1.0, abs(value))
         mismatches += not same
-        print(f"{'MATCH' if same else 'MISMATCH':9} {key:28} recorded {value:.8g}  reproduced {again if again is None else format(again, '.8g')}")
+        print(
+            f"{'MATCH' if same else 'MISMATCH':9} {key:28} recorded {value:.8g}  reproduced "
+            f"{again if again is None else format(again, '.8g')}"
+        )
     print("reproduction: " + ("MATCH" if not mismatches else f"MISMATCH in {mismatches} metric(s)"))
     return 1 if mismatches or not recorded else 0
+
+
+def reproduce(root: Path, run_id: str, run: bool, keep: bool) -> int:
+    """The `slmtune reproduce` command: print the plan; with `run`, carry it out and compare (exit 1 on a
+    mismatch)."""
+    root = root.resolve()
+    os.chdir(root)
+    config = load_config()
+    plan = reproduction_plan(root, config, run_id)
+    print_plan(plan)
+    return reproduce_run(root, config, plan, keep=keep) if run else 0

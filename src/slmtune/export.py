@@ -4,14 +4,25 @@ parity check, and export GGUF files (F16, Q8_0) for llama.cpp and Ollama with a 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError
-from .lineage import PROVENANCE_FILE
+import gguf
+import mlflow
+import numpy as np
+import torch
+from gguf import GGUFReader
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .config import Config
+from .errors import ExportError, UserError
+from .evaluation import PARITY_TOLERANCE, test_loss, test_loss_and_answers, test_prompts
+from .lineage import PROVENANCE_FILE, read_provenance
+from .modeling import is_adapter, load_model, load_tokenizer, load_tuned, resolve_source
 from .outputs import staged_outputs, write_json
+from .tracking import ADAPTER_RUN_TAG, mlflow_run, resolve_adapter
 
 PARITY_FILE = "parity.json"
 EXPORT_FILE = "export.json"
@@ -22,78 +33,17 @@ GGUF_ARCHITECTURES = ("llama",)
 """Model types the GGUF writer maps (Llama, Llama 3.2 without rope scaling, TinyLlama, SmolLM2)."""
 
 
-class ExportError(ConfigError):
-    """A model that cannot be merged or exported as asked; the message says what to do."""
-
-
-def resolve_adapter(config: Config, spec: str | None) -> Path:
-    """The adapter folder `spec` names: None -> the pipeline's latest (paths.adapter); an existing folder;
-    else an MLflow run id whose `adapter/` artifacts are downloaded (train runs log them)."""
-    if spec is None:
-        spec = config.paths.adapter
-    if Path(spec).is_dir():
-        if not (Path(spec) / "adapter_config.json").is_file() and not (Path(spec) / "config.json").is_file():
-            raise ExportError(f"{spec}: neither a peft adapter (adapter_config.json) nor a model folder (config.json).")
-        return Path(spec)
-    if os.sep in spec or spec.startswith("."):
-        raise ExportError(f"{spec}: no such folder. Run `dvc repro` to train an adapter, or pass an MLflow run id.")
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from .tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri(config.tracking))
-    try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=spec, artifact_path="adapter"))
-    except (MlflowException, OSError) as exc:
-        raise ExportError(f"{spec}: not a folder, and no MLflow run with an adapter/ artifact at "
-                          f"{mlflow.get_tracking_uri()} ({str(exc).splitlines()[0]}).") from None  # fmt: skip
-
-
-def load_tuned(config: Config, adapter: Path) -> tuple[Any, Any]:
-    """The fine-tuned causal LM in the configured dtype (peft adapter on the unquantised base, or the fully
-    fine-tuned folder) and the base's tokenizer."""
-    from peft import PeftModel
-
-    from .evaluation import is_adapter
-    from .modeling import load_model, load_tokenizer
-
-    if config.model.task != "causal_lm":
-        raise ExportError(f"model.task={config.model.task}: chat, generate, merge and export are for causal LMs.")
-    tokenizer = load_tokenizer(config.paths.base_model)
-    if is_adapter(adapter):
-        model = PeftModel.from_pretrained(load_model(config.paths.base_model, config.model.dtype), str(adapter))
-    else:
-        model = load_model(adapter, config.model.dtype)
-    model.eval()
-    return model, tokenizer
-
-
-def test_loss_and_answers(model: Any, tokenizer: Any, config: Config, limit: int | None = None) -> tuple[float, list[str]]:
-    """Test-split loss (response tokens) and greedy answers to the test prompts (the first `limit`)."""
-    from datasets import load_from_disk
-
-    from .evaluation import generate_answers, response_loss, test_prompts
-
-    tokens = load_from_disk(config.paths.tokenized)["test"].select_columns(["input_ids", "labels"])
-    prompt_ids = test_prompts(config, tokenizer)[2][:limit]
-    loss = response_loss(model, tokenizer, tokens, config.eval.batch_size)
-    return loss, generate_answers(model, tokenizer, prompt_ids, config.eval.max_new_tokens, config.eval.batch_size)
-
-
 def merge_adapter(config: Config, adapter_spec: str | None, output: str | Path) -> dict[str, Any]:
     """Merge the adapter into the base and save a standalone model (safetensors + tokenizer) at `output`;
     reload the saved folder with plain transformers and compare its test loss and greedy answers with
     base + adapter. The parity result is saved beside the model, printed, logged to MLflow and returned;
     a failed parity leaves nothing at `output`."""
-    from transformers import AutoModelForCausalLM
-
-    from .evaluation import PARITY_TOLERANCE, is_adapter
-
     adapter = resolve_adapter(config, adapter_spec)
     if not is_adapter(adapter):
-        raise ExportError(f"{adapter} holds a fully fine-tuned model already (method.adapter=none): nothing to merge; "
-                          f"export it directly with `slmtune export --model {adapter}`.")  # fmt: skip
+        raise ExportError(
+            f"{adapter} holds a fully fine-tuned model already (method.adapter=none): nothing to merge; "
+            f"export it directly with `slmtune export --model {adapter}`."
+        )
     model, tokenizer = load_tuned(config, adapter)
     adapter_loss, adapter_answers = test_loss_and_answers(model, tokenizer, config)
     merged = model.merge_and_unload()
@@ -104,16 +54,28 @@ def merge_adapter(config: Config, adapter_spec: str | None, output: str | Path) 
         merged_loss, merged_answers = test_loss_and_answers(reloaded, tokenizer, config)
         same = sum(a == b for a, b in zip(adapter_answers, merged_answers))
         result = {
-            "adapter": str(adapter), "output": str(output), "adapter_loss": adapter_loss, "merged_loss": merged_loss,
-            "loss_difference": abs(merged_loss - adapter_loss), "tolerance": PARITY_TOLERANCE,
-            "identical_answers": same, "answers": len(adapter_answers),
-        }  # fmt: skip
+            "adapter": str(adapter),
+            "output": str(output),
+            "adapter_loss": adapter_loss,
+            "merged_loss": merged_loss,
+            "loss_difference": abs(merged_loss - adapter_loss),
+            "tolerance": PARITY_TOLERANCE,
+            "identical_answers": same,
+            "answers": len(adapter_answers),
+        }
         result["ok"] = result["loss_difference"] <= PARITY_TOLERANCE and same == len(adapter_answers)
         print_parity(result)
-        log_to_mlflow(config, adapter, "merge", {f"merge/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float, bool))})
+        log_to_mlflow(
+            config,
+            adapter,
+            "merge",
+            {f"merge/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float, bool))},
+        )
         if not result["ok"]:
-            raise ExportError(f"merge parity failed (loss difference {result['loss_difference']:.2e}, {same} of "
-                              f"{len(adapter_answers)} answers identical): nothing written to {output}.")  # fmt: skip
+            raise ExportError(
+                f"merge parity failed (loss difference {result['loss_difference']:.2e}, {same} of "
+                f"{len(adapter_answers)} answers identical): nothing written to {output}."
+            )
         write_json(staged / PARITY_FILE, result)
         if (adapter / PROVENANCE_FILE).is_file():  # the merged model keeps the adapter's lineage
             shutil.copy2(adapter / PROVENANCE_FILE, staged / PROVENANCE_FILE)
@@ -121,19 +83,16 @@ def merge_adapter(config: Config, adapter_spec: str | None, output: str | Path) 
 
 
 def print_parity(result: dict[str, Any]) -> None:
-    print(f"test loss  base + adapter {result['adapter_loss']:.6f}  merged (reloaded) {result['merged_loss']:.6f}  "
-          f"difference {result['loss_difference']:.2e} (tolerance {result['tolerance']:.0e})")  # fmt: skip
+    print(
+        f"test loss  base + adapter {result['adapter_loss']:.6f}  merged (reloaded) {result['merged_loss']:.6f}  "
+        f"difference {result['loss_difference']:.2e} (tolerance {result['tolerance']:.0e})"
+    )
     print(f"greedy answers identical: {result['identical_answers']} of {result['answers']}")
     print(f"merge parity: {'PASS' if result['ok'] else 'FAIL'}", flush=True)
 
 
 def log_to_mlflow(config: Config, adapter: Path, stage: str, metrics: dict[str, float]) -> None:
     """An MLflow run of this command, tagged with the adapter's training run."""
-    import mlflow
-
-    from .lineage import read_provenance
-    from .tracking import ADAPTER_RUN_TAG, mlflow_run
-
     try:
         run_id = read_provenance(adapter)["mlflow"]["run_id"]
     except (FileNotFoundError, KeyError):
@@ -148,36 +107,36 @@ def log_to_mlflow(config: Config, adapter: Path, stage: str, metrics: dict[str, 
 
 def _permute(weights: Any, n_head: int) -> Any:
     """llama.cpp's rotary layout for q/k projections (transformers' GGUF loader undoes it)."""
-    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def _tokenizer_pre(config: Config) -> str:
     """The llama.cpp pre-tokenizer name: the source GGUF's where the base came from one, else 'default'."""
-    from .modeling import resolve_source
-
     if config.model.gguf_file:
         try:
-            from gguf import GGUFReader
-
             source = resolve_source(config.model)
             if not source.is_local:
                 return "default"
             field = GGUFReader(Path(source.location) / source.gguf_file).fields.get("tokenizer.ggml.pre")
             if field is not None:
                 return field.contents()
-        except (OSError, ValueError, AttributeError, ConfigError):
+        except (OSError, ValueError, AttributeError, UserError):
             pass
     return "default"
 
 
 def add_vocab(writer: Any, model_dir: Path, vocab_size: int) -> None:
     """GPT-2-style BPE vocabulary, token types, merges, special ids and chat template from tokenizer files."""
-    import gguf
-
     tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     model = tokenizer_json["model"]
     if model["type"] != "BPE" or model.get("byte_fallback"):
-        raise ExportError(f"{model_dir}/tokenizer.json: GGUF export supports byte-level BPE tokenizers (GPT-2 style) only.")
+        raise ExportError(
+            f"{model_dir}/tokenizer.json: GGUF export supports byte-level BPE tokenizers (GPT-2 style) only."
+        )
     by_id = {index: text for text, index in model["vocab"].items()}
     kinds = {}
     for token in tokenizer_json.get("added_tokens", []):
@@ -196,8 +155,6 @@ def add_vocab(writer: Any, model_dir: Path, vocab_size: int) -> None:
     writer.add_token_types(types)
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
     if "bos" not in special.add_special_token:  # as the tokenizer behaves: does encoding start with BOS?
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         ids = tokenizer("a")["input_ids"]
         writer.add_add_bos_token(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
@@ -207,20 +164,21 @@ def add_vocab(writer: Any, model_dir: Path, vocab_size: int) -> None:
 def write_gguf(model_dir: Path, path: Path, file_type: str, name: str, pre: str = "default") -> None:
     """Write the safetensors model in `model_dir` as one GGUF file: F16 (1-D tensors F32) or Q8_0 (2-D
     tensors whose rows divide into 32-value blocks; others F16)."""
-    import gguf
-    import numpy as np
-    import torch
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
     hf = AutoConfig.from_pretrained(model_dir)
     if hf.model_type not in GGUF_ARCHITECTURES:
-        raise ExportError(f"{model_dir}: GGUF export supports model types {', '.join(GGUF_ARCHITECTURES)}, not {hf.model_type}; "
-                          "use llama.cpp's convert_hf_to_gguf.py on the merged folder.")  # fmt: skip
-    rope = getattr(hf, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(hf, "rope_theta", 10000.0)}
+        raise ExportError(
+            f"{model_dir}: GGUF export supports model types {', '.join(GGUF_ARCHITECTURES)}, not {hf.model_type}; "
+            "use llama.cpp's convert_hf_to_gguf.py on the merged folder."
+        )
+    rope = getattr(hf, "rope_parameters", None) or {
+        "rope_type": "default",
+        "rope_theta": getattr(hf, "rope_theta", 10000.0),
+    }
     if rope.get("rope_type", "default") != "default":
-        raise ExportError(f"{model_dir}: rope scaling '{rope['rope_type']}' is not written by this exporter; "
-                          "use llama.cpp's convert_hf_to_gguf.py on the merged folder.")  # fmt: skip
+        raise ExportError(
+            f"{model_dir}: rope scaling '{rope['rope_type']}' is not written by this exporter; "
+            "use llama.cpp's convert_hf_to_gguf.py on the merged folder."
+        )
     heads, kv_heads = hf.num_attention_heads, hf.num_key_value_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     quant = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[file_type]
@@ -271,46 +229,47 @@ def write_gguf(model_dir: Path, path: Path, file_type: str, name: str, pre: str 
     writer.close()
 
 
-def round_trip(config: Config, model: Any, gguf_dir: Path, file_name: str, tokenizer: Any, reference_loss: float) -> dict[str, Any]:
+def round_trip(
+    config: Config, model: Any, gguf_dir: Path, file_name: str, tokenizer: Any, reference_loss: float
+) -> dict[str, Any]:
     """Load a GGUF file back with transformers' GGUF loader; compare its test loss with the merged model's
     and its tokenizer's ids on the test prompts with the original tokenizer's."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .evaluation import response_loss, test_prompts
-
-    from datasets import load_from_disk
-
     loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=file_name, dtype=model.dtype)
 
-    tokens = load_from_disk(config.paths.tokenized)["test"].select_columns(["input_ids", "labels"])
-    loss = response_loss(loaded, tokenizer, tokens, config.eval.batch_size)
+    loss = test_loss(loaded, tokenizer, config)
     gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=file_name)
     prompts = test_prompts(config, tokenizer)[1]
-    same_ids = all(gguf_tokenizer(p, add_special_tokens=False)["input_ids"] == tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts)
+    same_ids = all(
+        gguf_tokenizer(p, add_special_tokens=False)["input_ids"] == tokenizer(p, add_special_tokens=False)["input_ids"]
+        for p in prompts
+    )
     relative = abs(loss - reference_loss) / reference_loss
     kind = file_name.rsplit("-", 1)[-1].removesuffix(".gguf")
-    return {"file": file_name, "bytes": (gguf_dir / file_name).stat().st_size, "test_loss": loss, "merged_test_loss": reference_loss,
-            "relative_difference": relative, "tolerance": GGUF_TOLERANCE[kind], "tokenizer_identical": same_ids,
-            "ok": relative <= GGUF_TOLERANCE[kind] and same_ids}  # fmt: skip
+    return {
+        "file": file_name,
+        "bytes": (gguf_dir / file_name).stat().st_size,
+        "test_loss": loss,
+        "merged_test_loss": reference_loss,
+        "relative_difference": relative,
+        "tolerance": GGUF_TOLERANCE[kind],
+        "tokenizer_identical": same_ids,
+        "ok": relative <= GGUF_TOLERANCE[kind] and same_ids,
+    }
 
 
 def export_gguf(config: Config, model_spec: str | None, output: str | Path, types: list[str]) -> list[dict[str, Any]]:
     """GGUF files of the merged model (or a fully fine-tuned one) in `output`, each loaded back and checked."""
-    from .evaluation import response_loss
-    from .modeling import load_model, load_tokenizer
-
     unknown = sorted(set(types) - set(GGUF_TYPES))
     if unknown:
         raise ExportError(f"--type {unknown[0]}: use one of {', '.join(GGUF_TYPES)}.")
     model_dir = Path(model_spec or config.paths.merged)
     if not (model_dir / "config.json").is_file():
-        raise ExportError(f"{model_dir}: no merged model there. Run `slmtune merge` first (or pass --model <model folder>).")
-    from datasets import load_from_disk
-
+        raise ExportError(
+            f"{model_dir}: no merged model there. Run `slmtune merge` first (or pass --model <model folder>)."
+        )
     model = load_model(model_dir, "float32")
     tokenizer = load_tokenizer(model_dir)
-    tokens = load_from_disk(config.paths.tokenized)["test"].select_columns(["input_ids", "labels"])
-    reference = response_loss(model, tokenizer, tokens, config.eval.batch_size)
+    reference = test_loss(model, tokenizer, config)
     name = f"{Path(config.model.source).name}-{config.method.name}"
     pre = _tokenizer_pre(config)
     results = []
@@ -320,12 +279,26 @@ def export_gguf(config: Config, model_spec: str | None, output: str | Path, type
             file_name = f"model-{kind}.gguf"
             write_gguf(model_dir, staged / file_name, kind, name, pre)
             result = round_trip(config, model, staged, file_name, tokenizer, reference)
-            print(f"{file_name}: {result['bytes'] / 2**20:.1f} MiB, test loss {result['test_loss']:.6f} vs merged "
-                  f"{reference:.6f} ({100 * result['relative_difference']:.3f}%, tolerance {100 * result['tolerance']:.0f}%), "
-                  f"tokenizer {'identical' if result['tokenizer_identical'] else 'DIFFERENT'}: {'PASS' if result['ok'] else 'FAIL'}", flush=True)  # fmt: skip
+            print(
+                f"{file_name}: {result['bytes'] / 2**20:.1f} MiB, test loss {result['test_loss']:.6f} vs merged "
+                f"{reference:.6f} ({100 * result['relative_difference']:.3f}%, tolerance "
+                f"{100 * result['tolerance']:.0f}%), "
+                f"tokenizer {'identical' if result['tokenizer_identical'] else 'DIFFERENT'}: "
+                f"{'PASS' if result['ok'] else 'FAIL'}",
+                flush=True,
+            )
             results.append(result)
-        log_to_mlflow(config, model_dir, "export", {f"gguf/{r['file'].removesuffix('.gguf')}/{k}": float(v) for r in results
-                                                      for k, v in r.items() if isinstance(v, (int, float, bool))})  # fmt: skip
+        log_to_mlflow(
+            config,
+            model_dir,
+            "export",
+            {
+                f"gguf/{r['file'].removesuffix('.gguf')}/{k}": float(v)
+                for r in results
+                for k, v in r.items()
+                if isinstance(v, (int, float, bool))
+            },
+        )
         failed = [r["file"] for r in results if not r["ok"]]
         if failed:
             raise ExportError(f"GGUF round trip failed for {', '.join(failed)}: nothing written to {output}.")

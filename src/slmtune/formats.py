@@ -16,12 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import DataError
+
 SUFFIX_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "txt"}
 HUB_DEFAULT_SPLIT = "train"
-
-
-class DataError(ValueError):
-    """Bad input data, worded for the person who has to fix the file."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,9 @@ def source_format(path: str, declared: str) -> str:
     )
 
 
-def read_source(path: str, fmt: str, dataset_split: str | None = None, revision: str | None = None) -> tuple[list[Row], list[Problem]]:
+def read_source(
+    path: str, fmt: str, dataset_split: str | None = None, revision: str | None = None
+) -> tuple[list[Row], list[Problem]]:
     """Rows and row-level problems of one source in format `fmt` (see `source_format`)."""
     if fmt == "hub":
         return _read_hub(path, dataset_split, revision), []
@@ -92,7 +92,8 @@ def _decode_lines(path: Path, raw: bytes) -> tuple[list[str], list[Problem]]:
                 Problem(
                     f"{path}:{number}",
                     "bad encoding",
-                    f"{path}:{number}: not UTF-8 (byte 0x{line[exc.start]:02x} at column {column}). Re-save the file as UTF-8.",
+                    f"{path}:{number}: not UTF-8 (byte 0x{line[exc.start]:02x} at column {column}). Re-save the file "
+                    "as UTF-8.",
                 )
             )
             lines.append("\n")
@@ -107,7 +108,11 @@ def _read_csv(path: Path, lines: list[str]) -> tuple[list[Row], list[Problem]]:
             location = f"{path}:{reader.line_num}"
             if None in values:
                 problems.append(
-                    Problem(location, "wrong type", f"{location}: more fields than the header has columns; quote fields that contain commas.")
+                    Problem(
+                        location,
+                        "wrong type",
+                        f"{location}: more fields than the header has columns; quote fields that contain commas.",
+                    )
                 )
                 continue
             rows.append(Row(location, values))
@@ -127,10 +132,14 @@ def _read_jsonl(path: Path, lines: list[str]) -> tuple[list[Row], list[Problem]]
         try:
             values = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as exc:
-            problems.append(Problem(location, "broken JSON", f"{location}: not valid JSON ({exc.msg} at column {exc.colno})."))
+            problems.append(
+                Problem(location, "broken JSON", f"{location}: not valid JSON ({exc.msg} at column {exc.colno}).")
+            )
             continue
         if not isinstance(values, dict):
-            problems.append(Problem(location, "wrong type", f"{location}: expected a JSON object, got {type(values).__name__}."))
+            problems.append(
+                Problem(location, "wrong type", f"{location}: expected a JSON object, got {type(values).__name__}.")
+            )
             continue
         rows.append(Row(location, values))
     return rows, problems
@@ -158,10 +167,16 @@ def _read_json_array(path: Path, raw: bytes) -> list[Row]:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}). Re-save the file as UTF-8.") from None
     except json.JSONDecodeError as exc:
-        hint = " One JSON object per line is JSON Lines: name the file .jsonl or set format: jsonl." if exc.msg == "Extra data" else ""
+        hint = (
+            " One JSON object per line is JSON Lines: name the file .jsonl or set format: jsonl."
+            if exc.msg == "Extra data"
+            else ""
+        )
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}).{hint}") from None
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}; use .jsonl for one object per line.")
+        raise DataError(
+            f"{path}: expected a JSON list of objects, got {type(data).__name__}; use .jsonl for one object per line."
+        )
     rows = []
     for index, values in enumerate(data, start=1):
         if not isinstance(values, dict):
@@ -191,7 +206,9 @@ def _read_disk(path: Path, dataset_split: str | None) -> list[Row]:
     try:
         dataset = load_from_disk(str(path))
     except FileNotFoundError:
-        raise DataError(f"{path}: not a folder written by `datasets` save_to_disk (no dataset_info.json / state.json).") from None
+        raise DataError(
+            f"{path}: not a folder written by `datasets` save_to_disk (no dataset_info.json / state.json)."
+        ) from None
     if isinstance(dataset, DatasetDict):
         if dataset_split not in dataset:
             raise DataError(

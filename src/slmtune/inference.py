@@ -9,34 +9,61 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import Config, ConfigError, DataConfig, validate_config
-from .formats import DataError
-from .outputs import staged_outputs
+import torch
+from transformers import TextStreamer, set_seed
+
+from .config import Config, DataConfig, validate_config
+from .errors import DataError, UserError
+from .lineage import read_provenance
+from .modeling import load_tuned
+from .outputs import staged_outputs, write_jsonl
+from .prompting import generation_prompt
+from .tracking import resolve_adapter
 
 
 def training_data_config(config: Config, adapter: Path) -> DataConfig:
     """The data settings (template, chat template, system prompt) the adapter was trained with; the
     workspace's when the adapter has no provenance."""
-    from .lineage import read_provenance
-
     try:
         return validate_config(read_provenance(adapter)["config"], f"{adapter}/provenance.json").data
-    except (FileNotFoundError, KeyError, ConfigError) as exc:
+    except (KeyError, UserError) as exc:
         print(f"warning: {exc}; formatting prompts with params.yaml's data settings.", file=sys.stderr)
         return config.data
 
 
 def prompt_ids(messages: list[dict[str, str]], data: DataConfig, tokenizer: Any) -> list[int]:
     """Token ids of a conversation up to the model's next answer, in the training template."""
-    from .prompting import generation_prompt
-
     record = {"source": "chat", "messages": [*messages, {"role": "assistant", "content": ""}]}
     return generation_prompt(record, data, tokenizer, 0)[1]
 
 
-def load(config: Config, adapter_spec: str | None) -> tuple[Any, Any, DataConfig]:
-    from .export import load_tuned, resolve_adapter
+@torch.no_grad()
+def generate_answers(
+    model: Any, tokenizer: Any, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy answers, batched with left padding; decoding stops at EOS."""
+    model.eval()
+    pad = tokenizer.pad_token_id
+    answers = []
+    for start in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[start : start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk])
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad,
+        )
+        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+    return answers
 
+
+def load(config: Config, adapter_spec: str | None) -> tuple[Any, Any, DataConfig]:
     adapter = resolve_adapter(config, adapter_spec)
     model, tokenizer = load_tuned(config, adapter)
     return model, tokenizer, training_data_config(config, adapter)
@@ -44,25 +71,38 @@ def load(config: Config, adapter_spec: str | None) -> tuple[Any, Any, DataConfig
 
 def generation_kwargs(tokenizer: Any, max_new_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
     sampling = temperature > 0
-    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": sampling, "eos_token_id": tokenizer.eos_token_id,
-              "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    kwargs = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": sampling,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     if sampling:
         kwargs |= {"temperature": temperature, "top_p": top_p}
     return kwargs
 
 
-def chat(config: Config, adapter_spec: str | None, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.9,
-         system: str | None = None, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:  # fmt: skip
+def chat(
+    config: Config,
+    adapter_spec: str | None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 0.9,
+    system: str | None = None,
+    stdin: TextIO = sys.stdin,
+    stdout: TextIO = sys.stdout,
+) -> int:
     """Read a question per line, stream the answer token by token, keep the conversation as history.
     Ctrl-D (end of input) or Ctrl-C leaves cleanly; `/reset` clears the history."""
-    import torch
-    from transformers import TextStreamer, set_seed
-
     model, tokenizer, data = load(config, adapter_spec)
     set_seed(config.train.seed)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     kwargs = generation_kwargs(tokenizer, max_new_tokens, temperature, top_p)
-    print("Chat with the fine-tuned model. Ctrl-D or Ctrl-C to leave, /reset to clear the history.", file=stdout, flush=True)
+    print(
+        "Chat with the fine-tuned model. Ctrl-D or Ctrl-C to leave, /reset to clear the history.",
+        file=stdout,
+        flush=True,
+    )
     try:
         while True:
             print("you> ", end="", file=stdout, flush=True)
@@ -116,20 +156,19 @@ def read_prompts(path: Path) -> list[dict[str, str]]:
     return prompts
 
 
-def generate_file(config: Config, adapter_spec: str | None, input_path: Path, output_path: Path, batch_size: int,
-                  max_new_tokens: int) -> int:  # fmt: skip
+def generate_file(
+    config: Config, adapter_spec: str | None, input_path: Path, output_path: Path, batch_size: int, max_new_tokens: int
+) -> int:
     """Answer every prompt of `input_path` (greedy, batched) and write JSONL rows {prompt, input?, response}."""
-    from transformers import set_seed
-
-    from .evaluation import generate_answers
-    from .outputs import write_jsonl
-
     prompts = read_prompts(input_path)
     model, tokenizer, data = load(config, adapter_spec)
     set_seed(config.train.seed)
     ids = [prompt_ids([{"role": "user"} | p], data, tokenizer) for p in prompts]
     answers = generate_answers(model, tokenizer, ids, max_new_tokens, batch_size)
-    rows = [{"prompt": p["content"]} | ({"input": p["input"]} if "input" in p else {}) | {"response": a} for p, a in zip(prompts, answers)]
+    rows = [
+        {"prompt": p["content"]} | ({"input": p["input"]} if "input" in p else {}) | {"response": a}
+        for p, a in zip(prompts, answers)
+    ]
     with staged_outputs(output_path) as (staged,):
         write_jsonl(staged, rows)
     print(f"wrote {len(rows)} answers to {output_path}")

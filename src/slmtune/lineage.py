@@ -12,12 +12,15 @@ from typing import Any
 
 import yaml
 
+from .config import flatten
+from .errors import MissingFileError
+
 PROVENANCE_FILE = "provenance.json"
 EXPS_TEMP_MARKER = os.path.join(".dvc", "tmp", "exps")
 TRACKED_PACKAGES = (
-    "slmtune", "torch", "transformers", "peft", "trl", "datasets", "accelerate",
-    "bitsandbytes", "evaluate", "mlflow", "dvc", "hydra-core", "omegaconf",
-)  # fmt: skip
+    *("slmtune", "torch", "transformers", "peft", "trl", "datasets", "accelerate"),
+    *("bitsandbytes", "evaluate", "mlflow", "dvc", "hydra-core", "omegaconf"),
+)
 
 
 def project_root(start: str | Path | None = None) -> Path:
@@ -69,13 +72,9 @@ def dvc_md5(path: str | Path) -> str:
     if path.is_file():
         return file_md5(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such file or directory to hash")
+        raise MissingFileError(f"{path}: no such file or directory to hash")
     entries = sorted(
-        (
-            {"md5": file_md5(f), "relpath": f.relative_to(path).as_posix()}
-            for f in path.rglob("*")
-            if f.is_file()
-        ),
+        ({"md5": file_md5(f), "relpath": f.relative_to(path).as_posix()} for f in path.rglob("*") if f.is_file()),
         key=lambda entry: entry["relpath"],
     )
     listing = json.dumps(entries, sort_keys=True).encode("utf-8")
@@ -111,7 +110,7 @@ def read_provenance(adapter_dir: str | Path) -> dict[str, Any]:
     """The provenance JSON the train stage wrote beside an adapter."""
     path = Path(adapter_dir) / PROVENANCE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no provenance; was this adapter made by the train stage?")
+        raise MissingFileError(f"{path}: no provenance; was this adapter made by the train stage?")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -140,7 +139,15 @@ def check_lineage(provenance: dict[str, Any], current_config: dict[str, Any] | N
     rows = []
     for name, entry in provenance["inputs"].items():
         if entry.get("md5") is None:
-            rows.append({"kind": "input", "name": name, "recorded": entry.get("revision"), "current": None, "status": "UNHASHED"})
+            rows.append(
+                {
+                    "kind": "input",
+                    "name": name,
+                    "recorded": entry.get("revision"),
+                    "current": None,
+                    "status": "UNHASHED",
+                }
+            )
             continue
         current = dvc_md5(entry["path"]) if Path(entry["path"]).exists() else None
         rows.append(_compared("input", name, entry["md5"], current))
@@ -150,14 +157,14 @@ def check_lineage(provenance: dict[str, Any], current_config: dict[str, Any] | N
         recorded_flat = flatten_sections(provenance["config"])
         current_flat = flatten_sections(current_config)
         for key in sorted(set(recorded_flat) | set(current_flat)):
-            rows.append(_compared("param", key, recorded_flat.get(key), current_flat.get(key), missing_is_mismatch=True))
+            rows.append(
+                _compared("param", key, recorded_flat.get(key), current_flat.get(key), missing_is_mismatch=True)
+            )
     return rows
 
 
 def flatten_sections(config: dict[str, Any], sections: tuple[str, ...] = ADAPTER_CONFIG_SECTIONS) -> dict[str, Any]:
     """`section.key.sub` -> value for the adapter-shaping sections of a resolved config."""
-    from .config import flatten
-
     return flatten({name: config.get(name) for name in sections})
 
 
@@ -184,28 +191,31 @@ def model_card(provenance: dict[str, Any]) -> str:
     counts = provenance["parameters"]
     versions = ", ".join(f"{name} {version}" for name, version in provenance["packages"].items())
     full = method.get("adapter") == "none"
+    shape = "(every weight)" if full else f"r={method['r']}, alpha={method['alpha']}"
     auto = "AutoModelForSequenceClassification" if model.get("task") == "classification" else "AutoModelForCausalLM"
     base_path, adapter_path = config["paths"]["base_model"], config["paths"]["adapter"]
     if full:
-        loading = f"from transformers import {auto}\nmodel = {auto}.from_pretrained(\"{adapter_path}\")"
+        loading = f'from transformers import {auto}\nmodel = {auto}.from_pretrained("{adapter_path}")'
     else:
-        loading = (f"from peft import PeftModel\nfrom transformers import {auto}\n"
-                   f"model = PeftModel.from_pretrained({auto}.from_pretrained(\"{base_path}\"), \"{adapter_path}\")")  # fmt: skip
+        loading = (
+            f"from peft import PeftModel\nfrom transformers import {auto}\n"
+            f'model = PeftModel.from_pretrained({auto}.from_pretrained("{base_path}"), "{adapter_path}")'
+        )
     return f"""---
 library_name: {"transformers" if full else "peft"}
-base_model: {model['source']}
-tags: [slmtune, {method['name']}]
+base_model: {model["source"]}
+tags: [slmtune, {method["name"]}]
 ---
 
-# {method['name'].upper()} {"fine-tuned model" if full else "adapter"} for `{model['source']}`
+# {method["name"].upper()} {"fine-tuned model" if full else "adapter"} for `{model["source"]}`
 
-Made by the slmtune `train` stage: {method['name']} {"(every weight)" if full else f"r={method['r']}, alpha={method['alpha']}"}, \
-learning rate {config['train']['learning_rate']}, seed {config['train']['seed']}; \
-{counts['trainable']:,} trainable of {counts['total']:,} parameters.
+Made by the slmtune `train` stage: {method["name"]} {shape}, \
+learning rate {config["train"]["learning_rate"]}, seed {config["train"]["seed"]}; \
+{counts["trainable"]:,} trainable of {counts["total"]:,} parameters.
 
-- MLflow run: `{run['run_id']}` (experiment {run['experiment_id']})
-- DVC experiment: `{exp.get('exp_name', 'workspace')}`, baseline `{exp.get('baseline_rev', 'unknown')}`
-- Git commit: `{git.get('commit') or 'unknown'}`{dirty}
+- MLflow run: `{run["run_id"]}` (experiment {run["experiment_id"]})
+- DVC experiment: `{exp.get("exp_name", "workspace")}`, baseline `{exp.get("baseline_rev", "unknown")}`
+- Git commit: `{git.get("commit") or "unknown"}`{dirty}
 
 ## Training metrics
 
@@ -231,10 +241,53 @@ Packages: {versions}. The full resolved configuration is in `provenance.json`.
 
 ## Verify and use
 
-`slmtune lineage {config['paths']['adapter']}` re-hashes the inputs and code above and \
+`slmtune lineage {config["paths"]["adapter"]}` re-hashes the inputs and code above and \
 compares the configuration with `params.yaml` (non-zero exit on any mismatch).
 
 ```python
 {loading}
 ```
 """
+
+
+def input_digests(config: Any) -> dict[str, dict[str, Any]]:
+    """DVC md5 of every data and model input of the adapter: each data source, the prepared and
+    tokenized data and the base model. Hub datasets cannot be hashed: their pinned revision stands in."""
+    digests: dict[str, dict[str, Any]] = {}
+    for name, source in config.data.sources.items():
+        if source.format == "hub":
+            digests[f"source/{name}"] = {"path": source.path, "md5": None, "revision": source.revision}
+        else:
+            digests[f"source/{name}"] = {"path": source.path, "md5": dvc_md5(source.path)}
+    for name in ("prepared", "tokenized", "base_model"):
+        path = getattr(config.paths, name)
+        digests[name] = {"path": path, "md5": dvc_md5(path)}
+    return digests
+
+
+def print_lineage(adapter: str, provenance: dict[str, Any], current_config: dict[str, Any] | None) -> int:
+    """Print an adapter's provenance and the re-check of its inputs, code and params; 1 on any mismatch."""
+    git, run, exp = provenance["git"], provenance["mlflow"], provenance.get("dvc", {})
+    dirty = f" (uncommitted: {', '.join(git['dirty_files'])})" if git.get("dirty") else ""
+    print(f"adapter      {adapter}")
+    print(f"MLflow run   {run['run_id']} (experiment {run['experiment_id']})")
+    print(f"DVC exp      {exp.get('exp_name', 'unknown')}, baseline {exp.get('baseline_rev', 'unknown')}")
+    print(f"git commit   {git.get('commit')}{dirty}")
+    print("metrics      " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(provenance["metrics"].items())))
+    rows = check_lineage(provenance, current_config)
+    for kind in ("input", "code", "param"):
+        group = [row for row in rows if row["kind"] == kind]
+        shown = [row for row in group if kind != "param" or row["status"] != "MATCH"]
+        if kind == "param" and len(shown) < len(group):
+            print(f"MATCH      params: {len(group) - len(shown)} keys of model, data, method, train equal params.yaml")
+        for row in shown:
+            if row["status"] in ("MATCH", "UNHASHED"):
+                detail = row["recorded"]
+            else:
+                detail = f"recorded {row['recorded']}, now {row['current']}"
+            print(f"{row['status']:10} {kind} {row['name']}: {detail}")
+    if current_config is None:
+        print("(no params.yaml here: params not compared)")
+    bad = [row for row in rows if row["status"] in ("MISMATCH", "MISSING")]
+    print("lineage: " + ("MATCH" if not bad else f"MISMATCH ({len(bad)} of {len(rows)} checks differ)"))
+    return 1 if bad else 0

@@ -9,8 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GgufConfig,
+)
 
 from .config import ModelConfig
+from .errors import ConfigError, ModelSourceError
 
 PYPI_PREFIX = "pypi:"
 
@@ -24,10 +33,6 @@ TARGET_MODULES = {
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
 }
-
-
-class ModelSourceError(ValueError):
-    """The configured model cannot be found or loaded."""
 
 
 @dataclass
@@ -88,8 +93,6 @@ def load_source_model(model: ModelConfig) -> tuple[Any, Any]:
 
     Causal LMs keep their LM head; for classification the bare backbone is kept (the classification
     head is created for the data's classes at training time)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
     auto_class = AutoModelForCausalLM if model.task == "causal_lm" else AutoModel
     resolved = resolve_source(model)
     kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
@@ -126,8 +129,6 @@ def materialise_base(model: ModelConfig, output_dir: str | Path) -> dict[str, An
 
 def load_tokenizer(path: str | Path) -> Any:
     """Tokenizer of a materialised model, with a pad token (EOS when it has none)."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -136,8 +137,6 @@ def load_tokenizer(path: str | Path) -> Any:
 
 def quantization_config(method: Any) -> Any:
     """bitsandbytes settings for `method.quantization` (4bit: QLoRA's NF4 + double quantisation), or None."""
-    from transformers import BitsAndBytesConfig
-
     if method is None or method.quantization == "none":
         return None
     if method.quantization == "8bit":
@@ -150,12 +149,15 @@ def quantization_config(method: Any) -> Any:
     )
 
 
-def load_model(path: str | Path, dtype: str = "float32", method: Any = None, labels: list[str] | None = None,
-               pad_token_id: int | None = None) -> Any:  # fmt: skip
+def load_model(
+    path: str | Path,
+    dtype: str = "float32",
+    method: Any = None,
+    labels: list[str] | None = None,
+    pad_token_id: int | None = None,
+) -> Any:
     """A materialised model (`models/base` or any local folder): a causal LM, or with `labels` a sequence
     classifier for those classes; quantised on load when `method.quantization` says so."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     quantization = quantization_config(method)
     if quantization is not None:
@@ -163,7 +165,11 @@ def load_model(path: str | Path, dtype: str = "float32", method: Any = None, lab
     if labels is None:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}, **kwargs
+        path,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+        **kwargs,
     )
     if pad_token_id is not None:  # decoder classifiers read the last non-pad token
         model.config.pad_token_id = pad_token_id
@@ -179,7 +185,9 @@ def head_modules(model: Any) -> list[str]:
     """A sequence classifier's new layers (top-level modules with weights outside the pretrained backbone),
     e.g. DistilBERT's pre_classifier and classifier, Llama's score."""
     prefix = model.base_model_prefix
-    return [name for name, module in model.named_children() if name != prefix and any(True for _ in module.parameters())]
+    return [
+        name for name, module in model.named_children() if name != prefix and any(True for _ in module.parameters())
+    ]
 
 
 def parameter_counts(model: Any) -> dict[str, int]:
@@ -195,9 +203,22 @@ def parameter_counts(model: Any) -> dict[str, int]:
     }
 
 
-def run_base(config: Any, base_dir: Path) -> dict[str, Any]:
-    """The base stage: materialise the configured source model into `base_dir`."""
-    summary = materialise_base(config.model, base_dir)
-    print(f"base model: {summary['architecture']}, {summary['parameters']:,} parameters, "
-          f"chat template: {summary['has_chat_template']}")  # fmt: skip
-    return summary
+def is_adapter(path: str | Path) -> bool:
+    """A peft adapter folder (else a fully fine-tuned model folder)."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_tuned(config: Any, adapter: Path) -> tuple[Any, Any]:
+    """The fine-tuned causal LM in the configured dtype (peft adapter on the unquantised base, or the fully
+    fine-tuned folder), in eval mode, and the base's tokenizer."""
+    from peft import PeftModel  # seconds to import; the base stage does not need it
+
+    if config.model.task != "causal_lm":
+        raise ConfigError(f"model.task={config.model.task}: chat, generate, merge and export are for causal LMs.")
+    tokenizer = load_tokenizer(config.paths.base_model)
+    if is_adapter(adapter):
+        model = PeftModel.from_pretrained(load_model(config.paths.base_model, config.model.dtype), str(adapter))
+    else:
+        model = load_model(adapter, config.model.dtype)
+    model.eval()
+    return model, tokenizer

@@ -10,22 +10,22 @@ Raw text records are not masked: their tokens are joined with EOS and cut into `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from .errors import TokenizationError
+from .formats import Problem
 
 IGNORE_INDEX = -100
 
-ALPACA_INTRO = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+ALPACA_INTRO = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+)
 ALPACA_INTRO_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
 )
 TEXT_PROMPT_TOKENS = 32
 """Raw text in evaluation: the model continues the first tokens (at most this many, at most half)."""
-
-
-class TokenizationError(ValueError):
-    """A record or template that cannot be turned into a trainable sequence."""
 
 
 class TooLong(Exception):
@@ -68,13 +68,17 @@ def with_system(messages: list[dict[str, str]], system_prompt: str | None) -> li
 def _chat_render(tokenizer: Any, messages: list[dict[str, str]], custom: str | None, generation: bool) -> str:
     plain = [{"role": m["role"], "content": user_text(m)} for m in messages]
     try:
-        return tokenizer.apply_chat_template(plain, chat_template=custom, add_generation_prompt=generation, tokenize=False)
+        return tokenizer.apply_chat_template(
+            plain, chat_template=custom, add_generation_prompt=generation, tokenize=False
+        )
     except Exception as exc:  # jinja2 raises several classes for a broken template
         where = "data.chat_template" if custom else "the tokenizer's chat template"
         raise TokenizationError(f"{where} failed to render: {str(exc).splitlines()[0]}") from None
 
 
-def _chat_pieces(messages: list[dict[str, str]], tokenizer: Any, custom: str | None, source: str) -> list[tuple[str, bool]]:
+def _chat_pieces(
+    messages: list[dict[str, str]], tokenizer: Any, custom: str | None, source: str
+) -> list[tuple[str, bool]]:
     pieces, rendered = [], ""
     for index, turn in enumerate(messages):
         if turn["role"] != "assistant":
@@ -186,7 +190,9 @@ def chunk_texts(records: list[dict[str, Any]], tokenizer: Any, max_length: int) 
     return [Example([t for t, _ in chunk], [t for t, _ in chunk], False, chunk[0][1]) for chunk in chunks]
 
 
-def generation_prompt(record: dict[str, Any], data: Any, tokenizer: Any, max_new_tokens: int) -> tuple[str, list[int], str]:
+def generation_prompt(
+    record: dict[str, Any], data: Any, tokenizer: Any, max_new_tokens: int
+) -> tuple[str, list[int], str]:
     """What the model is given at test time (decoded from its ids, special tokens included), the ids, and the
     reference it should produce.
 
@@ -215,23 +221,36 @@ def label_names(records: list[dict[str, Any]]) -> list[str]:
     return sorted(labels, key=int) if all(label.lstrip("-").isdigit() for label in labels) else sorted(labels)
 
 
-def classification_examples(records: list[dict[str, Any]], data: Any, tokenizer: Any, labels: list[str], issues: Any) -> list[Example]:
+def classification_examples(
+    records: list[dict[str, Any]], data: Any, tokenizer: Any, labels: list[str], issues: Any
+) -> list[Example]:
     """Text -> token ids, with the class index as the only label; unseen classes and too-long texts go to `issues`."""
-    from .formats import Problem
-
     index = {name: i for i, name in enumerate(labels)}
     examples, problems = [], []
     for record in records:
         if record["label"] not in index:
-            problems.append(Problem(record["source"], "unknown label", f"{record['source']}: label '{record['label']}' does not occur "
-                                    f"in the training split (classes: {', '.join(labels)}); fix the label or add training rows for it."))  # fmt: skip
+            problems.append(
+                Problem(
+                    record["source"],
+                    "unknown label",
+                    f"{record['source']}: label '{record['label']}' does not occur "
+                    f"in the training split (classes: {', '.join(labels)}); fix the label or add training rows for it.",
+                )
+            )
             continue
         ids = tokenizer(record["text"])["input_ids"]
         example = Example(ids, [index[record["label"]]], False, record["source"])
         if len(ids) > data.max_length:
             if not data.truncate:
-                problems.append(Problem(record["source"], "too long", f"{record['source']}: {len(ids)} tokens, longer than "
-                                        f"data.max_length={data.max_length}. Raise data.max_length, set data.truncate=true, or set data.on_invalid=skip to drop it."))  # fmt: skip
+                problems.append(
+                    Problem(
+                        record["source"],
+                        "too long",
+                        f"{record['source']}: {len(ids)} tokens, longer than "
+                        f"data.max_length={data.max_length}. Raise data.max_length, set data.truncate=true, or set "
+                        "data.on_invalid=skip to drop it.",
+                    )
+                )
                 continue
             example = Example(ids[: data.max_length], example.labels, True, record["source"])
         examples.append(example)
@@ -241,8 +260,6 @@ def classification_examples(records: list[dict[str, Any]], data: Any, tokenizer:
 
 def tokenize_split(records: list[dict[str, Any]], data: Any, tokenizer: Any, issues: Any) -> list[Example]:
     """Conversations one by one (too-long ones go to `issues`), then the split's raw text in chunks."""
-    from .formats import Problem
-
     examples, too_long = [], []
     for record in records:
         if "text" in record:
@@ -282,49 +299,26 @@ def length_stats(examples: list[Example]) -> dict[str, Any]:
     }
 
 
-def run_tokenize(config: Any, tokenized_dir: Path, stats_path: Path, report_path: Path, plot_path: Path) -> dict[str, Any]:
-    """The tokenize stage: every prepared split -> a `datasets` split of input_ids/labels, stats and the data report."""
-    import json
-    import os
-
-    from datasets import Dataset, DatasetDict
-
-    from .config import SPLIT_NAMES
-    from .data import Issues
-    from .modeling import load_tokenizer
-    from .outputs import read_jsonl, write_json
-    from .reporting import write_data_report
-
-    data = config.data
-    tokenizer = load_tokenizer(config.paths.base_model)
-    issues = Issues(data.on_invalid)
-    classify = config.model.task == "classification"
-    records = {name: read_jsonl(Path(config.paths.prepared) / f"{name}.jsonl") for name in SPLIT_NAMES}
+def tokenize_splits(
+    records: dict[str, list[dict[str, Any]]], data: Any, tokenizer: Any, classify: bool, issues: Any
+) -> tuple[dict[str, list[Example]], dict[str, Any]]:
+    """Every split's records as examples (classification: text and class index), with the stats of each
+    split and the template used; the classes come from the training split."""
     template = "none (classification)" if classify else resolve_template(data.template, tokenizer)
-    splits, stats = {}, {"template": template, "max_length": data.max_length, "splits": {}}
+    stats: dict[str, Any] = {"template": template, "max_length": data.max_length, "splits": {}}
     if classify:
         stats["labels"] = label_names(records["train"])
-    lengths = {}
-    for name in SPLIT_NAMES:
+    examples = {}
+    for name, split in records.items():
         if classify:
-            examples = classification_examples(records[name], data, tokenizer, stats["labels"], issues)
+            examples[name] = classification_examples(split, data, tokenizer, stats["labels"], issues)
         else:
-            examples = tokenize_split(records[name], data, tokenizer, issues)
-        splits[name] = Dataset.from_dict(
-            {"input_ids": [e.input_ids for e in examples],
-             "labels": [e.labels[0] if classify else e.labels for e in examples],
-             "source": [e.source for e in examples]}  # fmt: skip
-        )
-        stats["splits"][name] = length_stats(examples)
-        lengths[name] = [len(e.input_ids) for e in examples]
+            examples[name] = tokenize_split(split, data, tokenizer, issues)
+        stats["splits"][name] = length_stats(examples[name])
     stats.update(issues.stats())
     for name in ("train", "test"):
-        if not lengths[name]:
-            raise TokenizationError(f"the {name} split has no example left after tokenizing: {issues.stats()['dropped']}.")
-    # An empty split cannot be read back from disk (datasets 5.2), so a split without examples is left out.
-    DatasetDict({name: split for name, split in splits.items() if len(split)}).save_to_disk(str(tokenized_dir))
-    write_json(stats_path, stats)
-    data_stats = json.loads(Path(config.paths.data_stats).read_text(encoding="utf-8"))
-    plot_link = os.path.relpath(config.paths.length_plot, Path(config.paths.data_report).parent)
-    write_data_report(report_path, plot_path, plot_link, data_stats, stats, lengths)
-    return stats
+        if not examples[name]:
+            raise TokenizationError(
+                f"the {name} split has no example left after tokenizing: {issues.stats()['dropped']}."
+            )
+    return examples, stats

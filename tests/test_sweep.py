@@ -1,6 +1,5 @@
-"""Sweeps as queued DVC experiments under one MLflow parent run, lineage checks, reproduction, determinism."""
+"""`slmtune sweep` and `slmtune reproduce`: a Hydra grid as queued DVC experiments under one MLflow parent run."""
 
-import json
 import shutil
 from pathlib import Path
 
@@ -9,9 +8,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_OVERRIDES, make_project, run
-from slmtune.experiments import ExperimentError, metric_direction, sweep_points, swept_keys
-from slmtune.lineage import file_md5
-from slmtune.reporting import rank_experiments, render_sweep_report
+from slmtune.errors import ExperimentError
+from slmtune.experiments import metric_direction, sweep_points, swept_keys
+from slmtune.reports.sweep import rank_experiments, render_sweep_report
 
 ROWS = {
     "exp-a": {"method.r": 4, "train.learning_rate": 1e-4, "tuned.loss": 2.5, "tuned.rougeL": 0.30},
@@ -24,8 +23,11 @@ def test_sweep_overrides_expand_like_dvc():
     overrides = ["method.r=4,8", "train.learning_rate=1e-4,3e-4", "train.max_steps=5"]
     points = sweep_points(overrides)
     assert len(points) == 4 and all("train.max_steps=5" in point for point in points)
-    assert {tuple(sorted(p)) for p in points} == {tuple(sorted(["method.r=" + r, "train.learning_rate=" + lr, "train.max_steps=5"]))
-                                                  for r in ("4", "8") for lr in ("0.0001", "0.0003")}  # fmt: skip
+    assert {tuple(sorted(p)) for p in points} == {
+        tuple(sorted(["method.r=" + r, "train.learning_rate=" + lr, "train.max_steps=5"]))
+        for r in ("4", "8")
+        for lr in ("0.0001", "0.0003")
+    }
     assert swept_keys(overrides) == ["method.r", "train.learning_rate"]
 
 
@@ -35,13 +37,23 @@ def test_sweep_ranks_by_the_chosen_metric_in_its_direction():
     assert metric_direction("tuned.bleu", None) == "max" and metric_direction("tuned.perplexity", None) == "min"
     with pytest.raises(ExperimentError, match="--direction"):
         metric_direction("tuned.meteor", None)
-    report = render_sweep_report(ROWS, {"exp-a": "Success", "exp-b": "Success", "exp-c": "Success", "exp-d": "Failed"},
-                                 {"exp-b": "run-b"}, ["method.r", "train.learning_rate"], "tuned.loss", "min", "parent", "sweep.png")  # fmt: skip
+    report = render_sweep_report(
+        ROWS,
+        {"exp-a": "Success", "exp-b": "Success", "exp-c": "Success", "exp-d": "Failed"},
+        {"exp-b": "run-b"},
+        ["method.r", "train.learning_rate"],
+        "tuned.loss",
+        "min",
+        "parent",
+        "sweep.png",
+    )
     table = [line for line in report.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| rank | experiment | method.r | train.learning_rate | tuned.loss")
     assert [line.split(" | ")[1] for line in table[1:]] == ["`exp-b`", "`exp-c`", "`exp-a`"]
     assert "`exp-b`: `method.r=8`, `train.learning_rate=0.0001`, `tuned.loss` = 1.5" in report
-    assert "dvc exp apply exp-b" in report and "`exp-d`: see `dvc queue logs exp-d`" in report and "](sweep.png)" in report
+    assert (
+        "dvc exp apply exp-b" in report and "`exp-d`: see `dvc queue logs exp-d`" in report and "](sweep.png)" in report
+    )
 
 
 def _fresh_clone_state(project: Path) -> None:
@@ -54,7 +66,11 @@ def _fresh_clone_state(project: Path) -> None:
 
 
 def test_sweep_runs_the_grid_as_queued_experiments_under_one_parent_and_reproduces(tmp_path, tiny_model_dir):
-    project = make_project(tmp_path / "project", [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES], frozen_conf=True)
+    project = make_project(
+        tmp_path / "project",
+        [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES],
+        frozen_conf=True,
+    )
     _fresh_clone_state(project)
     result = run(["slmtune", "sweep", "-S", "method.r=2,4", "-S", "train.learning_rate=1e-3", "-j", "2"], project)
     assert result.stdout.count("Running stage 'prepare'") == result.stdout.count("Running stage 'tokenize'") == 1
@@ -83,7 +99,10 @@ def test_sweep_runs_the_grid_as_queued_experiments_under_one_parent_and_reproduc
     losses = [names[name].data.metrics["test/tuned/loss"] for name in ranked]
     assert sorted(ranked) == sorted(names) and losses == sorted(losses)
     assert (project / "reports/sweep.png").read_bytes()[:4] == b"\x89PNG"
-    assert {a.path for a in MlflowClient().list_artifacts(parents[0].info.run_id, "sweep")} == {"sweep/sweep.md", "sweep/sweep.png"}
+    assert {a.path for a in MlflowClient().list_artifacts(parents[0].info.run_id, "sweep")} == {
+        "sweep/sweep.md",
+        "sweep/sweep.png",
+    }
 
     chosen = names[ranked[0]]
     result = run(["slmtune", "reproduce", chosen.info.run_id, "--run"], project)
@@ -96,59 +115,10 @@ def test_sweep_refuses_untracked_pipeline_files_before_queueing(tiny_project: Pa
     (tiny_project / "data/raw/new.csv").write_text("instruction,output\nq,a\n")
     result = run(["slmtune", "sweep", "-S", "method.r=2,4"], tiny_project, check=False)
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: queued experiments see only files git tracks: data/raw/new.csv untracked. Commit them first."
+    assert (
+        result.stderr.strip()
+        == "error: queued experiments see only files git tracks: data/raw/new.csv untracked. Commit them first."
+    )
     unknown = run(["slmtune", "sweep", "-S", "method.rank=2,4"], tiny_project, check=False)
     assert unknown.returncode == 1 and "method.rank" in unknown.stderr and len(unknown.stderr.strip().splitlines()) == 1
     assert "Queued" not in run(["dvc", "queue", "status"], tiny_project).stdout
-
-
-def test_lineage_command_matches_a_fresh_adapter_and_flags_one_changed_byte(tiny_project: Path):
-    run(["dvc", "repro"], tiny_project)
-    result = run(["slmtune", "lineage", "models/adapter"], tiny_project)
-    assert result.stdout.rstrip().endswith("lineage: MATCH")
-    assert "MATCH      input source/company_kb" in result.stdout and "MATCH      code stages/train.py" in result.stdout
-    provenance = json.loads((tiny_project / "models/adapter/provenance.json").read_text())
-    card = (tiny_project / "models/adapter/README.md").read_text()
-    assert provenance["mlflow"]["run_id"] in card and provenance["inputs"]["tokenized"]["md5"] in card
-
-    data = tiny_project / "data/raw/company_kb.csv"
-    raw = bytearray(data.read_bytes())
-    raw[-2] = ord("X") if raw[-2] != ord("X") else ord("Y")
-    data.write_bytes(bytes(raw))
-    changed = run(["slmtune", "lineage"], tiny_project, check=False)
-    assert changed.returncode == 1
-    assert "MISMATCH   input source/company_kb: recorded " in changed.stdout
-    assert changed.stdout.rstrip().splitlines()[-1].startswith("lineage: MISMATCH (1 of ")
-
-
-def test_same_inputs_give_identical_adapter_bytes(tiny_project: Path):
-    run(["dvc", "repro", "train"], tiny_project)
-    adapter = tiny_project / "models/adapter"
-    files = ("adapter_model.safetensors", "adapter_config.json")
-    first = {name: file_md5(adapter / name) for name in files} | {"log": file_md5(tiny_project / "reports/train_log.csv")}
-    first_run = json.loads((adapter / "provenance.json").read_text())["mlflow"]["run_id"]
-    run(["dvc", "repro", "--force", "--single-item", "train"], tiny_project)
-    second = {name: file_md5(adapter / name) for name in files} | {"log": file_md5(tiny_project / "reports/train_log.csv")}
-    assert second == first
-    assert json.loads((adapter / "provenance.json").read_text())["mlflow"]["run_id"] != first_run
-
-
-def test_changing_only_evaluation_settings_logs_a_run_of_its_own(tiny_project: Path):
-    run(["dvc", "repro"], tiny_project)
-    provenance = json.loads((tiny_project / "models/adapter/provenance.json").read_text())
-    first = json.loads((tiny_project / "reports/metrics.json").read_text())
-    assert first["mlflow_run_id"] == provenance["mlflow"]["run_id"]
-
-    params = tiny_project / "params.yaml"
-    params.write_text(params.read_text().replace("max_new_tokens: 8", "max_new_tokens: 4"))
-    result = run(["dvc", "repro"], tiny_project)
-    assert "Running stage 'train'" not in result.stdout and "Running stage 'evaluate'" in result.stdout
-    second = json.loads((tiny_project / "reports/metrics.json").read_text())
-    assert second["mlflow_run_id"] != first["mlflow_run_id"]
-    mlflow.set_tracking_uri(f"sqlite:///{tiny_project / 'mlflow.db'}")
-    client = MlflowClient()
-    evaluation = client.get_run(second["mlflow_run_id"])
-    assert evaluation.data.tags["slmtune.adapter_run_id"] == provenance["mlflow"]["run_id"]
-    assert evaluation.data.params["eval.max_new_tokens"] == "4"
-    assert len(client.get_metric_history(provenance["mlflow"]["run_id"], "test/tuned/loss")) == 1
-    assert {a.path for a in client.list_artifacts(evaluation.info.run_id, "reports")} >= {"reports/before_after.md", "reports/metrics.json"}

@@ -1,0 +1,52 @@
+"""Data-parallel training through `accelerate launch`: the train stage relaunches itself on
+`train.num_processes` processes; every rank trains, rank 0 alone writes and logs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from .config import Config
+from .hub import check_hub_push
+
+
+def is_main_process() -> bool:
+    """False in the non-zero ranks of an `accelerate launch`; those train but write and log nothing."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def needs_launch(config: Config) -> bool:
+    """Whether this is the stage's own process and training wants several (`accelerate launch` sets RANK)."""
+    return config.train.num_processes > 1 and "RANK" not in os.environ
+
+
+def launch_command(config: Config, script: str) -> tuple[list[str], dict[str, str]]:
+    """`accelerate launch` of the train stage on `train.num_processes` processes, and its environment: DDP
+    over the GPUs or, without one, CPU processes over gloo (torchrun alone would leave each CPU process
+    training on its own: accelerate needs ACCELERATE_USE_CPU to see them as one job); a given
+    `train.accelerate_config` (multi-node, FSDP) decides the rest. `python -P` is kept (PYTHONSAFEPATH) so
+    that stages/ does not shadow modules."""
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(config.train.num_processes)]
+    if config.train.accelerate_config:
+        command += ["--config_file", config.train.accelerate_config]
+    else:
+        command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if not torch.cuda.is_available():
+            threads = max(1, (os.cpu_count() or 1) // config.train.num_processes)
+            command += ["--num_cpu_threads_per_process", str(threads)]
+            env["ACCELERATE_USE_CPU"] = "true"
+    return command + [script], env
+
+
+def launch_distributed(config: Config, script: str) -> None:
+    """Run the train stage `script` under `accelerate launch`. Raises if any rank fails."""
+    check_hub_push(config)
+    command, env = launch_command(config, script)
+    print("launching: " + " ".join(command[1:]), flush=True)
+    result = subprocess.run(command, env=env, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"accelerate launch exited with {result.returncode}")

@@ -1,0 +1,67 @@
+"""The metric registry: every metric the pipeline reports, with its label and direction. Config (the
+quality gate), evaluation, the report and sweeps all read it. The folders beside this file are the local
+`evaluate` modules that compute the text and classification scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MODULES_DIR = Path(__file__).parent
+"""Parent of the local `evaluate` metric modules (`evaluate.load(str(MODULES_DIR / name))`)."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One reported metric."""
+
+    name: str
+    """Key in metrics.json, MLflow (`test/<model>/<name>`) and `dvc exp show` (`tuned.<name>`)."""
+    label: str
+    """How the report's table names it."""
+    direction: str
+    """min (lower is better) or max (higher is better)."""
+    kind: str
+    """loss (unbounded: loss, perplexity) or score (between 0 and 1)."""
+
+
+CAUSAL_LM = (
+    Metric("loss", "Test loss (response tokens)", "min", "loss"),
+    Metric("perplexity", "Perplexity", "min", "loss"),
+    Metric("bleu", "BLEU-4 (corpus)", "max", "score"),
+    Metric("rouge1", "ROUGE-1 F1", "max", "score"),
+    Metric("rouge2", "ROUGE-2 F1", "max", "score"),
+    Metric("rougeL", "ROUGE-L F1", "max", "score"),
+    Metric("exact_match", "Exact match", "max", "score"),
+    Metric("token_f1", "Token F1", "max", "score"),
+    Metric("contains", "Contains reference", "max", "score"),
+)
+CLASSIFICATION = (
+    Metric("accuracy", "Accuracy", "max", "score"),
+    Metric("f1", "Macro F1", "max", "score"),
+    Metric("loss", "Test loss (cross-entropy)", "min", "loss"),
+)
+BY_TASK = {"causal_lm": CAUSAL_LM, "classification": CLASSIFICATION}
+"""The metrics of each model.task, in report order."""
+PER_EXAMPLE = ("bleu", "rouge1", "rouge2", "rougeL", "exact_match", "token_f1", "contains")
+"""Text metrics with a score per example (BLEU: smoothed sentence BLEU), averaged per category."""
+TEXT_MODULES = ("bleu", "rouge", "answer_match", "contains_match")
+"""The local `evaluate` modules that compute the causal-LM text metrics."""
+SWEEP_COLUMNS = ("loss", "perplexity", "rougeL", "contains")
+"""Tuned-model metrics every sweep report shows beside the ranking metric."""
+
+
+def metric_names(task: str) -> tuple[str, ...]:
+    """Names of the metrics evaluation reports for `task` (what the quality gate can watch)."""
+    return tuple(metric.name for metric in BY_TASK[task])
+
+
+def direction(name: str) -> str | None:
+    """min or max for a metric name (a `dvc exp show` column like `tuned.rougeL` works too); None if unknown."""
+    short = name.split(".")[-1]
+    found = {metric.direction for metrics in BY_TASK.values() for metric in metrics if metric.name == short}
+    return found.pop() if len(found) == 1 else None
+
+
+def lower_is_better(name: str) -> bool:
+    return direction(name) == "min"

@@ -1,0 +1,193 @@
+"""The report stage's `before_after.md`: base vs tuned metrics, per category, the checks, every answer and
+the lineage; with the training loss curve and base vs tuned metric bars."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..metrics import BY_TASK, Metric
+from . import plt, save_figure, table
+
+CATEGORY_METRICS = (
+    ("loss", "loss"),
+    ("rougeL", "ROUGE-L"),
+    ("token_f1", "token F1"),
+    ("exact_match", "EM"),
+    ("bleu", "BLEU"),
+)
+
+
+def _quote(text: str) -> str:
+    return "\n".join(f"> {line}" if line else ">" for line in (text or "(empty)").splitlines())
+
+
+def metric_rows(metrics: dict[str, Any]) -> tuple[Metric, ...]:
+    """The registry's metrics this evaluation has, in report order (older metrics files lack some)."""
+    task = "classification" if "accuracy" in metrics["base"] else "causal_lm"
+    return tuple(metric for metric in BY_TASK[task] if metric.name in metrics["base"])
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """Markdown table of base vs tuned metrics with the change."""
+    lines = ["| metric | base | tuned | change | better |", "|---|---:|---:|---:|---|"]
+    for metric in metric_rows(metrics):
+        base, tuned = metrics["base"][metric.name], metrics["tuned"][metric.name]
+        better = "lower" if metric.direction == "min" else "higher"
+        lines.append(f"| {metric.label} | {base:.4f} | {tuned:.4f} | {tuned - base:+.4f} | {better} |")
+    return "\n".join(lines)
+
+
+def category_table(metrics: dict[str, Any]) -> str:
+    """Per category: examples, then base -> tuned for the main metrics (BLEU: mean sentence BLEU)."""
+    categories = metrics.get("by_category")
+    if not categories:
+        return ""
+    header = ["category", "examples"] + [f"{label} base → tuned" for _, label in CATEGORY_METRICS]
+    rows = [
+        [name, entry["examples"]]
+        + [f"{entry['base'][key]:.3f} → {entry['tuned'][key]:.3f}" for key, _ in CATEGORY_METRICS]
+        for name, entry in sorted(categories.items())
+    ]
+    return "## By category\n\n" + table(header, rows) + "\n\n"
+
+
+def checks_section(metrics: dict[str, Any]) -> str:
+    """The merge parity and quality gate results, where this evaluation ran them."""
+    lines = []
+    parity = metrics.get("merge_parity")
+    if parity:
+        verdict = "PASS" if parity["ok"] else "FAIL"
+        lines.append(
+            f"- Merge parity: **{verdict}**. Test loss base + adapter {parity['adapter_loss']:.6f}, merged "
+            f"{parity['merged_loss']:.6f} (difference {parity['loss_difference']:.2e}, tolerance "
+            f"{parity['tolerance']:.0e}); {parity['identical_answers']} of {parity['answers']} greedy answers "
+            "identical."
+        )
+    gate = metrics.get("quality_gate")
+    if gate:
+        lines.append(
+            f"- Quality gate on {gate['metric']}: **{'PASS' if gate['passed'] else 'FAIL'}**. Base {gate['base']:.4f}, "
+            f"tuned {gate['tuned']:.4f}, drop {gate['drop']:+.4f} (allowed {gate['max_drop']})."
+        )
+    else:
+        lines.append(
+            "- Quality gate: off (set `eval.gate_metric` to fail the evaluate stage when tuned is worse than base)."
+        )
+    settings = metrics.get("generation")
+    if settings:
+        lines.append("- Generation: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + ".")
+    return "## Checks\n\n" + "\n".join(lines) + "\n\n"
+
+
+def predictions_section(generations: list[dict[str, Any]]) -> str:
+    """Classification: each test text with its label and both models' predictions."""
+    lines = ["| # | text | label | base | tuned |", "|---:|---|---|---|---|"]
+    for number, row in enumerate(generations, start=1):
+        text = row["question"].replace("|", "\\|")
+        marks = {name: ("✓" if row[f"{name}_correct"] else "✗") for name in ("base", "tuned")}
+        answers = f"{row['base']} {marks['base']} | {row['tuned']} {marks['tuned']}"
+        lines.append(f"| {number} | {text} | {row['reference']} | {answers} |")
+    return "\n".join(lines) + "\n"
+
+
+def _scores(row: dict[str, Any], model: str) -> str:
+    shown = [("rougeL", "ROUGE-L"), ("token_f1", "token F1"), ("contains", "contains")]
+    return ", ".join(f"{label} {row[f'{model}_{key}']:.2f}" for key, label in shown if f"{model}_{key}" in row)
+
+
+def answers_section(generations: list[dict[str, Any]]) -> str:
+    """Each test prompt with its reference and both answers (classification: a table of predictions)."""
+    if generations and "base_correct" in generations[0]:
+        return predictions_section(generations)
+    parts = []
+    for number, row in enumerate(generations, start=1):
+        parts.append(
+            f"### {number}. {row['question']}\n\n"
+            f"*source: `{row['source']}`*\n\n"
+            f"**Prompt (as the model sees it)**\n\n```text\n{row['prompt'].rstrip()}\n```\n\n"
+            f"**Reference**\n\n{_quote(row['reference'])}\n\n"
+            f"**Base model** ({_scores(row, 'base')})\n\n{_quote(row['base'])}\n\n"
+            f"**Fine-tuned** ({_scores(row, 'tuned')})\n\n{_quote(row['tuned'])}\n"
+        )
+    return "\n".join(parts)
+
+
+def lineage_section(
+    provenance: dict[str, Any], eval_run_id: str, lock_hashes: dict[str, str], params: dict[str, Any]
+) -> str:
+    """Run ids, DVC experiment, commit, DVC md5s of data and models, and the resolved parameters."""
+    git, exp, run = provenance["git"], provenance.get("dvc", {}), provenance["mlflow"]
+    dirty = " (uncommitted changes)" if git.get("dirty") else ""
+    evaluation = f", evaluation run `{eval_run_id}`" if eval_run_id != run["run_id"] else ""
+    lines = [
+        f"- MLflow run: `{run['run_id']}` (experiment {run['experiment_id']}){evaluation}",
+        f"- DVC experiment: `{exp.get('exp_name', 'unknown')}`, baseline `{exp.get('baseline_rev', 'unknown')}`",
+        f"- Git commit: `{git.get('commit') or 'unknown'}`{dirty}",
+        "",
+        "| artifact | DVC md5 (dvc.lock) |",
+        "|---|---|",
+    ]
+    lines += [f"| `{path}` | `{md5}` |" for path, md5 in sorted(lock_hashes.items())]
+    lines += ["", "Resolved parameters:", "", "```yaml", yaml.safe_dump(params, sort_keys=True).rstrip(), "```"]
+    return "\n".join(lines)
+
+
+def render_before_after(
+    metrics: dict[str, Any],
+    generations: list[dict[str, Any]],
+    provenance: dict[str, Any],
+    lock_hashes: dict[str, str],
+    params: dict[str, Any],
+    figures: dict[str, str] | None = None,
+) -> str:
+    """The whole `before_after.md`."""
+    source_list = ", ".join(f"`{source['path']}`" for source in params["data"]["sources"].values())
+    method = params["method"]
+    rank = "" if method.get("adapter") == "none" else f" (r={method['r']})"
+    return (
+        "# Before and after fine-tuning\n\n"
+        f"Model `{params['model']['source']}` ({params['model'].get('task', 'causal_lm')}), method {method['name']}"
+        f"{rank}, data {source_list}, {metrics['test_examples']} test prompts.\n\n"
+        f"## Metrics\n\n{metrics_table(metrics)}\n\n"
+        + "".join(f"![{name}]({link})\n\n" for name, link in (figures or {}).items())
+        + category_table(metrics)
+        + checks_section(metrics)
+        + f"## Answers\n\n{answers_section(generations)}\n"
+        f"## Lineage\n\n{lineage_section(provenance, metrics['mlflow_run_id'], lock_hashes, params)}\n"
+    )
+
+
+def plot_loss(path: Path, train_log: Path) -> None:
+    """Training loss per step (the train stage's log)."""
+    with open(train_log, encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    axes.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], marker="." if len(rows) < 60 else None)
+    axes.set_xlabel("step")
+    axes.set_ylabel("training loss")
+    axes.set_title("Training loss")
+    axes.grid(alpha=0.3)
+    save_figure(figure, path)
+
+
+def plot_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Base vs tuned bars for every test metric: scores on one panel, loss and perplexity on another."""
+    rows = metric_rows(metrics)
+    scores = [metric for metric in rows if metric.kind == "score"]
+    losses = [metric for metric in rows if metric.kind == "loss"]
+    ratios = [max(len(scores), 1), max(len(losses), 1)]
+    figure, panels = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": ratios})
+    for axes, group, title in ((panels[0], scores, "higher is better"), (panels[1], losses, "lower is better")):
+        positions = range(len(group))
+        for offset, model in ((-0.2, "base"), (0.2, "tuned")):
+            values = [metrics[model][metric.name] for metric in group]
+            bars = axes.bar([p + offset for p in positions], values, width=0.4, label=model)
+            axes.bar_label(bars, fmt="%.2f", fontsize=7)
+        axes.set_xticks(list(positions), [metric.name for metric in group], rotation=30, ha="right")
+        axes.set_title(title)
+        axes.legend()
+    save_figure(figure, path)

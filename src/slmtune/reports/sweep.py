@@ -1,0 +1,90 @@
+"""`slmtune sweep`'s report: experiments ranked by the chosen metric with their swept parameters, the best
+configuration, failures, and the metric plotted against each swept parameter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..metrics import SWEEP_COLUMNS
+from . import plt, save_figure, short_number
+
+
+def rank_experiments(rows: dict[str, dict[str, Any]], metric: str, order: str) -> list[str]:
+    """Experiment names, best first by `metric` (min or max); experiments without it go last."""
+
+    def key(name: str) -> tuple[bool, float]:
+        value = rows[name].get(metric)
+        if not isinstance(value, (int, float)):
+            return (True, 0.0)
+        return (False, value if order == "min" else -value)
+
+    return sorted(rows, key=key)
+
+
+def render_sweep_report(
+    rows: dict[str, dict[str, Any]],
+    states: dict[str, str],
+    children: dict[str, str],
+    swept: list[str],
+    metric: str,
+    order: str,
+    parent_id: str,
+    plot_link: str,
+) -> str:
+    """`sweep.md`: params x metrics sorted by the chosen metric, the best configuration, failures, plot."""
+    ranked = rank_experiments(rows, metric, order)
+    metrics = [metric] + [f"tuned.{m}" for m in SWEEP_COLUMNS if f"tuned.{m}" != metric]
+    header = ["rank", "experiment", *swept, *metrics, "MLflow run"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if h == "rank" else "---" for h in header) + "|"]
+    for rank, name in enumerate(ranked, start=1):
+        row = rows[name]
+        values = [short_number(row.get(k)) for k in (*swept, *metrics)]
+        lines.append("| " + " | ".join([str(rank), f"`{name}`", *values, f"`{children.get(name, '')}`"]) + " |")
+    failed = sorted(name for name, state in states.items() if state != "Success")
+    best = ranked[0] if ranked else None
+    parts = [
+        "# Sweep\n",
+        f"{len(states)} experiments over {', '.join(f'`{k}`' for k in swept) or 'no swept key'}, ranked by "
+        f"`{metric}` ({'lower' if order == 'min' else 'higher'} is better). MLflow parent run `{parent_id}`.\n",
+        "\n".join(lines) + "\n",
+    ]
+    if best:
+        settings = ", ".join(f"`{k}={short_number(rows[best].get(k))}`" for k in swept)
+        parts.append(
+            f"## Best configuration\n\n`{best}`: {settings}, `{metric}` = {short_number(rows[best].get(metric))}.\n\n"
+            f"Bring it into the workspace with `dvc exp apply {best}` (its params, dvc.lock and outputs), "
+            "then commit.\n"
+        )
+    if failed:
+        parts.append("## Failed\n\n" + "\n".join(f"- `{name}`: see `dvc queue logs {name}`" for name in failed) + "\n")
+    parts.append(f"## `{metric}` against each swept parameter\n\n![{metric} per swept parameter]({plot_link})\n")
+    return "\n".join(parts)
+
+
+def plot_sweep(path: Path, rows: dict[str, dict[str, Any]], swept: list[str], metric: str) -> None:
+    """One panel per swept parameter: the metric against its values, a line per setting of the others."""
+    panels = swept or ["experiment"]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for axis, key in zip(axes[0], panels):
+        others = [k for k in swept if k != key]
+        lines: dict[str, list[tuple[Any, float]]] = {}
+        for name, row in rows.items():
+            if isinstance(row.get(metric), (int, float)):
+                label = ", ".join(f"{k}={short_number(row.get(k))}" for k in others) or metric
+                lines.setdefault(label, []).append((row.get(key, name), float(row[metric])))
+        for label, points in sorted(lines.items()):
+            points.sort(key=lambda p: (isinstance(p[0], str), p[0]))
+            xs = [str(x) if isinstance(x, str) else x for x, _ in points]
+            axis.plot(xs, [y for _, y in points], marker="o", label=label)
+        numeric = sorted({x for pts in lines.values() for x, _ in pts if isinstance(x, (int, float))})
+        if numeric and min(numeric) > 0 and max(numeric) / min(numeric) >= 10:
+            axis.set_xscale("log")
+        if numeric:
+            axis.set_xticks(numeric, [short_number(float(x)) for x in numeric])  # the swept values, not a dense axis
+            axis.minorticks_off()
+        axis.set_xlabel(key)
+        axis.set_ylabel(metric)
+        if len(lines) > 1:
+            axis.legend(fontsize="small")
+    save_figure(figure, path)

@@ -1,0 +1,184 @@
+"""The evaluate stage: the metrics against independent implementations and known cases, response loss,
+batched generation, every metric per category, merge parity, the quality gate, and its MLflow runs."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import DATA, REPO, SLMTUNE, TINY_OVERRIDES, copy_project, run, splits_for, stage_env
+from slmtune.config import compose_params
+from slmtune.evaluation import response_loss
+from slmtune.inference import generate_answers
+from slmtune.modeling import load_model
+from slmtune.prompting import generation_prompt
+
+
+def load_metric(name: str):
+    import evaluate
+
+    return evaluate.load(str(REPO / "src/slmtune/metrics" / name))
+
+
+def test_bleu_matches_nltk_corpus_bleu_and_is_one_for_identical_text():
+    from nltk.translate.bleu_score import corpus_bleu
+
+    from slmtune.metrics.bleu.bleu import tokenize
+
+    predictions = [
+        "the cat sat on the mat today",
+        "a dog barked loudly at the night sky",
+        "all staff get 27 days of leave",
+    ]
+    references = ["the cat sat on the mat", "the dog barked at the night sky", "staff get 27 days of paid leave"]
+    ours = load_metric("bleu").compute(predictions=predictions, references=references)
+    theirs = corpus_bleu([[tokenize(r)] for r in references], [tokenize(p) for p in predictions])
+    assert ours["bleu"] == pytest.approx(theirs, rel=1e-9) and 0 < ours["bleu"] < 1
+    same = load_metric("bleu").compute(predictions=references, references=references)
+    assert same["bleu"] == pytest.approx(1.0) and same["bleu_per_example"] == pytest.approx([1.0] * 3)
+
+
+def test_rouge_exact_match_and_token_f1_on_known_cases():
+    rouge = load_metric("rouge").compute(predictions=["the cat sat"], references=["the cat sat down"])
+    assert rouge["rouge1"] == pytest.approx(2 * 1 * 0.75 / 1.75)  # P 3/3, R 3/4
+    assert rouge["rouge2"] == pytest.approx(2 * 1 * (2 / 3) / (1 + 2 / 3))  # P 2/2, R 2/3
+    match = load_metric("answer_match").compute(
+        predictions=["The Cat!", "Paris is big", ""], references=["cat", "big Paris city", "x"]
+    )
+    assert match["exact_match_per_example"] == [1.0, 0.0, 0.0]
+    assert match["token_f1_per_example"] == pytest.approx([1.0, 2 * (2 / 3) * (2 / 3) / (4 / 3), 0.0])
+
+
+def test_response_loss_matches_the_models_own_loss(tiny_model_dir, tiny_tokenizer, records):
+    model = load_model(tiny_model_dir)
+    example = splits_for(records, tiny_tokenizer, n_train=1, n_val=0)["train"]
+    ours = response_loss(model, tiny_tokenizer, example, batch_size=1)
+    row = example[0]
+    theirs = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
+    assert ours == pytest.approx(float(theirs), rel=1e-5)
+
+
+def test_response_loss_ignores_padding_and_batching(tiny_model_dir, tiny_tokenizer, records):
+    model = load_model(tiny_model_dir)
+    data = splits_for(records, tiny_tokenizer, n_train=6, n_val=0)["train"]
+    assert response_loss(model, tiny_tokenizer, data, 1) == pytest.approx(
+        response_loss(model, tiny_tokenizer, data, 4), rel=1e-5
+    )
+
+
+def test_batched_generation_equals_one_by_one(tiny_model_dir, tiny_tokenizer, records):
+    model = load_model(tiny_model_dir)
+    prompts = [generation_prompt(r, DATA, tiny_tokenizer, 6)[1] for r in records[:5]]
+    assert len({len(p) for p in prompts}) > 1, "prompts of different lengths exercise left padding"
+    batched = generate_answers(model, tiny_tokenizer, prompts, max_new_tokens=6, batch_size=5)
+    single = [generate_answers(model, tiny_tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == single
+
+
+def test_evaluation_has_every_metric_per_category_and_the_merge_parity(trained):
+    metrics = json.loads((trained / "reports/metrics.json").read_text())
+    expected = {"loss", "perplexity", "bleu", "rouge1", "rouge2", "rougeL", "exact_match", "token_f1", "contains"}
+    assert set(metrics["base"]) == set(metrics["tuned"]) == expected
+    assert metrics["generation"] == {
+        "do_sample": False,
+        "num_beams": 1,
+        "max_new_tokens": 8,
+        "batch_size": 8,
+        "seed": 42,
+        "stop": "eos",
+    }
+    categories = metrics["by_category"]
+    prepared = [json.loads(line) for line in (trained / "data/prepared/test.jsonl").read_text().splitlines()]
+    assert sum(entry["examples"] for entry in categories.values()) == metrics["test_examples"] == len(prepared)
+    assert set(categories) == {r["category"] for r in prepared}
+    generations = [json.loads(line) for line in (trained / "reports/generations.jsonl").read_text().splitlines()]
+    for name, entry in categories.items():  # each category's mean is the mean of its rows
+        rows = [g for g in generations if g["category"] == name]
+        assert entry["tuned"]["rougeL"] == pytest.approx(sum(g["tuned_rougeL"] for g in rows) / len(rows))
+    parity = metrics["merge_parity"]
+    assert parity["ok"] and parity["loss_difference"] <= 1e-4 and parity["identical_answers"] == parity["answers"]
+    assert parity["adapter_loss"] == pytest.approx(metrics["tuned"]["loss"], abs=1e-4)
+
+
+def test_quality_gate_fails_the_evaluate_stage_and_writes_nothing(trained, tmp_path, tiny_model_dir):
+    project = copy_project(trained, tmp_path)
+    base = [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES, "data=dolly"]
+    before = (project / "reports/metrics.json").read_bytes()
+    # Full fine-tuning at a learning rate of 1 wrecks the model: its test loss rises far above the base's.
+    compose_params(
+        project, project / "params.yaml", [*base, "method=full", "train.learning_rate=1.0", "eval.gate_metric=loss"]
+    )
+    failed = run(["dvc", "repro", "evaluate"], project, check=False)
+    assert failed.returncode != 0
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "quality gate failed: tuned loss" in errors[0] and "eval.gate_max_drop=0.0" in errors[0]
+    # DVC removes a stage's old outputs before running it; the stage itself leaves no new or partial file
+    metrics_file = project / "reports/metrics.json"
+    assert not metrics_file.exists() or metrics_file.read_bytes() == before
+    assert not list((project / "reports").glob(".*.tmp"))
+    # The trained adapter of the fixture lowers the loss a little: the gate passes and the report says so.
+    compose_params(
+        project,
+        project / "params.yaml",
+        [*base, "train.max_steps=12", "train.learning_rate=2e-3", "eval.gate_metric=loss"],
+    )
+    result = run(["dvc", "repro"], project)
+    assert "Running stage 'train'" not in result.stdout  # restored from the cache
+    gate = json.loads((project / "reports/metrics.json").read_text())["quality_gate"]
+    assert gate["passed"] and gate["drop"] < 0 and gate["max_drop"] == 0.0
+    assert "Quality gate on loss: **PASS**" in (project / "reports/before_after.md").read_text()
+
+
+def test_check_gate_directions():
+    from slmtune.config import Config
+    from slmtune.errors import QualityGateError
+    from slmtune.evaluation import check_gate
+
+    config = Config()
+    config.eval.gate_metric, config.eval.gate_max_drop = "rougeL", 0.05
+    assert check_gate(config, {"base": {"rougeL": 0.30}, "tuned": {"rougeL": 0.26}})["passed"]  # drop 0.04
+    with pytest.raises(QualityGateError, match="tuned rougeL 0.2400 is 0.0600 lower than the base's 0.3000"):
+        check_gate(config, {"base": {"rougeL": 0.30}, "tuned": {"rougeL": 0.24}})
+    config.eval.gate_metric = "perplexity"
+    assert check_gate(config, {"base": {"perplexity": 9.0}, "tuned": {"perplexity": 3.0}})["drop"] == -6.0
+    with pytest.raises(QualityGateError, match="higher than the base's"):
+        check_gate(config, {"base": {"perplexity": 9.0}, "tuned": {"perplexity": float("nan")}})
+
+
+def test_gate_metric_must_exist_for_the_task(tmp_path):
+    result = subprocess.run(
+        [*SLMTUNE, "params", "eval.gate_metric=accuracy", "--root", str(REPO)],
+        capture_output=True,
+        text=True,
+        env=stage_env(),
+    )
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "eval.gate_metric must be one of loss, perplexity, bleu, rouge1, rouge2, rougeL" in result.stderr
+
+
+def test_changing_only_evaluation_settings_logs_a_run_of_its_own(tiny_project: Path):
+    run(["dvc", "repro"], tiny_project)
+    provenance = json.loads((tiny_project / "models/adapter/provenance.json").read_text())
+    first = json.loads((tiny_project / "reports/metrics.json").read_text())
+    assert first["mlflow_run_id"] == provenance["mlflow"]["run_id"]
+
+    params = tiny_project / "params.yaml"
+    params.write_text(params.read_text().replace("max_new_tokens: 8", "max_new_tokens: 4"))
+    result = run(["dvc", "repro"], tiny_project)
+    assert "Running stage 'train'" not in result.stdout and "Running stage 'evaluate'" in result.stdout
+    second = json.loads((tiny_project / "reports/metrics.json").read_text())
+    assert second["mlflow_run_id"] != first["mlflow_run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{tiny_project / 'mlflow.db'}")
+    client = MlflowClient()
+    evaluation = client.get_run(second["mlflow_run_id"])
+    assert evaluation.data.tags["slmtune.adapter_run_id"] == provenance["mlflow"]["run_id"]
+    assert evaluation.data.params["eval.max_new_tokens"] == "4"
+    assert len(client.get_metric_history(provenance["mlflow"]["run_id"], "test/tuned/loss")) == 1
+    assert {a.path for a in client.list_artifacts(evaluation.info.run_id, "reports")} >= {
+        "reports/before_after.md",
+        "reports/metrics.json",
+    }

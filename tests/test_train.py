@@ -1,0 +1,482 @@
+"""The train stage: batches, adapters and determinism on a tiny Llama; every method, architecture and task
+through `dvc repro`; training controls, resume after a kill, two-process DDP, the hub push check."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import (
+    SLMTUNE,
+    TINY_OVERRIDES,
+    copy_project,
+    make_project,
+    run,
+    sample_texts,
+    splits_for,
+    stage_env,
+)
+from slmtune.config import Config, TrackingConfig, compose_params
+from slmtune.lineage import file_md5
+from slmtune.modeling import load_model
+from slmtune.prompting import IGNORE_INDEX
+from slmtune.telemetry import StepLog
+from slmtune.tracking import mlflow_run
+from slmtune.training import build_trainer, fit, lora_model
+from tiny_models import save_tiny_model
+
+
+def tiny_config(**train):
+    config = Config()
+    config.train.max_steps, config.train.learning_rate, config.train.batch_size = 12, 1e-2, 4
+    config.train.eval_steps, config.train.warmup_ratio = 6, 0.0
+    for key, value in train.items():
+        setattr(config.train, key, value)
+    return config
+
+
+def test_batches_are_padded_to_their_longest_example_only(tiny_model_dir, tiny_tokenizer, records, tmp_path):
+    config = tiny_config()
+    splits = splits_for(records, tiny_tokenizer)
+    model = lora_model(load_model(tiny_model_dir), config)
+    trainer = build_trainer(config, model, tiny_tokenizer, splits, str(tmp_path), [])
+    widths = []
+    for batch in trainer.get_train_dataloader():
+        lengths = batch["attention_mask"].sum(dim=1)
+        widths.append(batch["input_ids"].shape[1])
+        assert batch["input_ids"].shape[1] == int(lengths.max()) < config.data.max_length
+        assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert len(widths) == 4
+
+
+def test_lora_training_moves_every_adapter_weight_and_no_base_weight(tiny_model_dir, tiny_tokenizer, records, tmp_path):
+    config = tiny_config()
+    model = lora_model(load_model(tiny_model_dir), config)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log_system_metrics=False)
+    step_log = StepLog()
+    with mlflow_run(tracking) as run:
+        metrics, _ = fit(config, model, tiny_tokenizer, splits_for(records, tiny_tokenizer), step_log)
+    for name, param in model.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        assert changed == param.requires_grad, f"{name}: changed={changed}, trainable={param.requires_grad}"
+    assert metrics["steps"] == 12 and "val_loss" in metrics
+    losses = [row["loss"] for row in step_log.rows]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == list(range(1, 13))
+
+
+def test_same_seed_gives_identical_adapter_weights(tiny_model_dir, tiny_tokenizer, records, tmp_path):
+    def train_once():
+        torch.manual_seed(torch.seed())  # disturb the global RNG: only the configured seed may matter
+        config = tiny_config(max_steps=4)
+        model = lora_model(load_model(tiny_model_dir), config)
+        tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log_system_metrics=False)
+        with mlflow_run(tracking):
+            fit(config, model, tiny_tokenizer, splits_for(records, tiny_tokenizer), StepLog())
+        return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+    first, second = train_once(), train_once()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_adapter_is_a_standard_peft_adapter(tiny_project: Path, tiny_model_dir):
+    from peft import PeftModel
+
+    from slmtune.modeling import load_model
+
+    run(["dvc", "repro", "train"], tiny_project)
+    model = PeftModel.from_pretrained(load_model(tiny_model_dir), tiny_project / "models/adapter")
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+    steps = (tiny_project / "reports/train_log.csv").read_text().splitlines()
+    assert steps[0] == "step,loss,learning_rate" and len(steps) == 1 + 6
+
+
+def test_same_inputs_give_identical_adapter_bytes(tiny_project: Path):
+    run(["dvc", "repro", "train"], tiny_project)
+    adapter = tiny_project / "models/adapter"
+    files = ("adapter_model.safetensors", "adapter_config.json")
+    first = {name: file_md5(adapter / name) for name in files} | {
+        "log": file_md5(tiny_project / "reports/train_log.csv")
+    }
+    first_run = json.loads((adapter / "provenance.json").read_text())["mlflow"]["run_id"]
+    run(["dvc", "repro", "--force", "--single-item", "train"], tiny_project)
+    second = {name: file_md5(adapter / name) for name in files} | {
+        "log": file_md5(tiny_project / "reports/train_log.csv")
+    }
+    assert second == first
+    assert json.loads((adapter / "provenance.json").read_text())["mlflow"]["run_id"] != first_run
+
+
+def tiny_overrides(model_dir: Path) -> list[str]:
+    return [f"model.source={model_dir}", "model.gguf_file=null", *TINY_OVERRIDES]
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny-Llama (width 64, so that 4-bit kernels take it) project whose base/prepare/tokenize ran once,
+    and the model folder."""
+    root = tmp_path_factory.mktemp("methods")
+    model_dir = save_tiny_model(root / "tiny-llama-64", sample_texts(), "llama")
+    project = make_project(root / "project", tiny_overrides(model_dir))
+    run(["dvc", "repro", "tokenize"], project)
+    return project, model_dir
+
+
+def repro(project: Path, overrides: list[str]) -> dict:
+    """Recompose params.yaml with `overrides`, run `dvc repro`, return metrics + provenance."""
+    compose_params(project, project / "params.yaml", overrides)
+    result = run(["dvc", "repro"], project)
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    provenance = json.loads((project / "models/adapter/provenance.json").read_text())
+    return {"stdout": result.stdout, "metrics": metrics, "provenance": provenance}
+
+
+def adapter_tensors(project: Path) -> dict:
+    with safe_open(str(project / "models/adapter/adapter_model.safetensors"), "pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "lora_8bit", "full", "dora", "rslora"])
+def test_each_method_trains_end_to_end(tokenized, tmp_path, method):
+    project = copy_project(tokenized[0], tmp_path)
+    out = repro(project, [*tiny_overrides(tokenized[1]), f"method={method}"])
+    assert "Running stage 'train'" in out["stdout"] and "Running stage 'tokenize'" not in out["stdout"]
+    counts, metrics = out["provenance"]["parameters"], out["metrics"]
+    assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
+    assert (
+        out["provenance"]["metrics"]["memory/peak_rss_mb"] > 0 and out["provenance"]["metrics"]["tokens_per_second"] > 0
+    )
+    adapter = project / "models/adapter"
+    assert type(model_card_model(project)).__name__ == (
+        "LlamaForCausalLM" if method == "full" else "PeftModelForCausalLM"
+    )
+    if method == "full":
+        assert counts["trainable"] == counts["total"]
+        assert (adapter / "model.safetensors").is_file() and not (adapter / "adapter_config.json").exists()
+        return
+    assert 0 < counts["trainable"] < counts["total"] / 2
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
+    assert config["use_dora"] == (method == "dora") and config["use_rslora"] == (method == "rslora")
+    names = adapter_tensors(project)
+    assert any("lora_A" in n for n in names)
+    assert any("lora_magnitude_vector" in n for n in names) == (method == "dora")
+    if method in ("lora", "qlora", "lora_8bit"):  # quantised weights count as parameters, not packed bytes
+        base_params = _base_parameters(project)
+        assert counts["total"] == base_params + counts["trainable"]
+
+
+def model_card_model(project: Path):
+    """Run the loading snippet of the adapter's model card in the project; return the model it loads."""
+    card = (project / "models/adapter/README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        exec(snippet, scope)
+    finally:
+        os.chdir(cwd)
+    return scope["model"]
+
+
+def _base_parameters(project: Path) -> int:
+    from slmtune.modeling import load_model
+
+    return sum(p.numel() for p in load_model(project / "models/base").parameters())
+
+
+def test_training_controls_target_modules_early_stopping_checkpointing_memory_monitor(tokenized, tmp_path):
+    import mlflow
+
+    project = copy_project(tokenized[0], tmp_path)
+    out = repro(
+        project,
+        [
+            *tiny_overrides(tokenized[1]),
+            "method.target_modules=[q_proj,v_proj]",
+            "method.r=4",
+            "train.max_steps=30",
+            "train.eval_steps=3",
+            "train.save_steps=3",
+            "train.early_stopping_patience=1",
+            "train.early_stopping_threshold=10.0",
+            "train.gradient_checkpointing=true",
+            "train.gradient_accumulation_steps=2",
+            "train.monitor_memory=true",
+        ],
+    )
+    config = json.loads((project / "models/adapter/adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["r"] == 4
+    # no evaluation can improve by 10 nats: stopped at the second evaluation (step 6), not at max_steps
+    assert out["provenance"]["metrics"]["steps"] == 6
+    assert out["provenance"]["config"]["train"]["gradient_checkpointing"] is True
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    logged = mlflow.get_run(out["provenance"]["mlflow"]["run_id"]).data.metrics
+    assert {"memory/load/rss_mb", "memory/prepared/rss_mb", "memory/rss_mb", "memory/peak_rss_mb"} <= set(logged)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "opt", "gpt2"])
+def test_each_causal_architecture_runs_the_pipeline(tmp_path, arch):
+    model_dir = save_tiny_model(tmp_path / f"tiny-{arch}", sample_texts(), arch)
+    project = make_project(tmp_path / "project", tiny_overrides(model_dir))
+    run(["dvc", "repro"], project)
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    provenance = json.loads((project / "models/adapter/provenance.json").read_text())
+    config = json.loads((project / "models/adapter/adapter_config.json").read_text())
+    expected = {
+        "gpt_neox": ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"],
+        "opt": ["fc1", "fc2", "k_proj", "out_proj", "q_proj", "v_proj"],
+        "gpt2": ["c_attn", "c_fc", "c_proj"],
+    }
+    assert sorted(config["target_modules"]) == expected[arch]
+    assert json.loads((project / "models/base/config.json").read_text())["model_type"] == arch
+    assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
+    assert provenance["parameters"]["trainable"] > 0
+
+
+def test_continued_pretraining_on_raw_text(tokenized, tmp_path):
+    project = copy_project(tokenized[0], tmp_path)
+    out = repro(project, [*tiny_overrides(tokenized[1]), "data=handbook_text"])
+    assert "Running stage 'tokenize'" in out["stdout"]
+    stats = json.loads((project / "reports/token_stats.json").read_text())
+    assert stats["splits"]["train"]["trained_share"] == 1.0  # every token of raw text carries the loss
+    assert out["metrics"]["tuned"]["loss"] < out["metrics"]["base"]["loss"]
+
+
+def test_sequence_classification_with_lora_on_distilbert(tmp_path, monkeypatch):
+    model_dir = save_tiny_model(tmp_path / "tiny-distilbert", sample_texts(), "distilbert")
+    overrides = [
+        *tiny_overrides(model_dir),
+        "model.task=classification",
+        "data=sentiment",
+        "train.max_steps=40",
+        "train.eval_steps=10",
+        "train.learning_rate=3e-3",
+        "train.batch_size=8",
+    ]
+    project = make_project(tmp_path / "project", overrides)
+    run(["dvc", "repro"], project)
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert metrics["labels"] == ["negative", "positive"]
+    assert set(metrics["tuned"]) == {"accuracy", "f1", "loss"} and 0 <= metrics["tuned"]["f1"] <= 1
+    # A random 2-layer encoder with a toy vocabulary learns little from 56 reviews in 40 steps (its loss stays
+    # near ln 2); what must hold is that the head trained from the init that "base" is scored with.
+    with open(project / "reports/train_log.csv", encoding="utf-8") as handle:
+        assert len(list(csv.DictReader(handle))) == 40
+    monkeypatch.chdir(project)
+    from slmtune.config import load_config
+    from slmtune.evaluation import base_model
+
+    base_head = dict(base_model(load_config(), metrics["labels"], 1).classifier.named_parameters())
+    trained = {k: v for k, v in adapter_tensors(project).items() if k.startswith("base_model.model.classifier.")}
+    assert len(trained) == 2
+    for name, tensor in trained.items():
+        assert not tensor.allclose(base_head[name.rsplit(".", 1)[-1]]), name
+    config = json.loads((project / "models/adapter/adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and {"classifier", "pre_classifier"} <= set(config["modules_to_save"])
+    assert sorted(config["target_modules"]) == ["k_lin", "lin1", "lin2", "out_lin", "q_lin", "v_lin"]
+    report = (project / "reports/before_after.md").read_text()
+    assert "| Accuracy |" in report and "| Macro F1 |" in report and "(classification)" in report
+    generations = [json.loads(line) for line in (project / "reports/generations.jsonl").open()]
+    assert {g["reference"] for g in generations} <= {"negative", "positive"} and len(generations) == metrics[
+        "test_examples"
+    ]
+
+
+def test_distilbert_parameter_count_matches_the_seed():
+    """The seed's LoRA sentiment example: distilbert-base-uncased, r=4 on q_lin, head trained:
+    `trainable params: 628,994 || all params: 67,584,004`. Same architecture, random weights."""
+    import torch
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from slmtune.config import Config, MethodConfig
+    from slmtune.modeling import parameter_counts
+    from slmtune.training import lora_model
+
+    torch.manual_seed(0)
+    model = DistilBertForSequenceClassification(DistilBertConfig(num_labels=2))  # distilbert-base-uncased's shape
+    config = Config(method=MethodConfig(r=4, alpha=32, dropout=0.01, target_modules=["q_lin"]))
+    config.model.task = "classification"
+    counts = parameter_counts(lora_model(model, config))
+    assert counts == {"trainable": 628_994, "total": 67_584_004}
+
+
+def losses(project: Path) -> list[tuple[int, float]]:
+    with open(project / "reports/train_log.csv", encoding="utf-8") as handle:
+        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
+
+
+def adapter_weights(project: Path) -> dict:
+    return load_file(str(project / "models/adapter/adapter_model.safetensors"))
+
+
+def kill_at_first_checkpoint(project: Path, step: int) -> None:
+    """Start `dvc repro train`, SIGKILL it (and its stage) once checkpoint-`step` is complete."""
+    process = subprocess.Popen(
+        ["dvc", "repro", "train"],
+        cwd=project,
+        env=stage_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = project / "checkpoints/train" / f"checkpoint-{step}" / "trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not state.exists():
+        assert process.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_killed_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    overrides = [
+        f"model.source={tiny_model_dir}",
+        "model.gguf_file=null",
+        *TINY_OVERRIDES,
+        "train.max_steps=60",
+        "train.save_steps=5",
+        "train.eval_steps=5",
+        "train.save_total_limit=2",
+    ]
+    whole = make_project(tmp_path / "whole", overrides)
+    run(["dvc", "repro", "train"], whole)
+
+    killed = make_project(tmp_path / "killed", overrides)
+    run(["dvc", "repro", "tokenize"], killed)
+    kill_at_first_checkpoint(killed, 5)
+    assert not (killed / "models/adapter").exists()
+    interrupted_run = json.loads((killed / "checkpoints/train/slmtune-resume.json").read_text())["run_id"]
+
+    resumed = run(["dvc", "repro", "train"], killed)
+    assert "resuming from the last checkpoint" in resumed.stdout + resumed.stderr
+    assert not (killed / "checkpoints/train").exists()  # removed once the adapter is written
+    provenance = json.loads((killed / "models/adapter/provenance.json").read_text())
+    assert provenance["resumed"] and provenance["mlflow"]["run_id"] == interrupted_run
+
+    assert [s for s, _ in losses(killed)] == [s for s, _ in losses(whole)] == list(range(1, 61))
+    assert losses(killed)[-1][1] == pytest.approx(losses(whole)[-1][1], rel=1e-5)
+    ours, theirs = adapter_weights(killed), adapter_weights(whole)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name].allclose(theirs[name], atol=1e-6), name
+
+
+def test_stale_checkpoints_of_another_config_are_not_resumed(tmp_path, tiny_model_dir):
+    overrides = [
+        f"model.source={tiny_model_dir}",
+        "model.gguf_file=null",
+        *TINY_OVERRIDES,
+        "train.max_steps=60",
+        "train.save_steps=5",
+        "train.eval_steps=5",
+    ]
+    project = make_project(tmp_path / "project", overrides)
+    run(["dvc", "repro", "tokenize"], project)
+    kill_at_first_checkpoint(project, 5)
+    from slmtune.config import compose_params
+
+    compose_params(project, project / "params.yaml", [*overrides, "train.learning_rate=5e-4"])
+    result = run(["dvc", "repro", "train"], project)
+    assert "resuming" not in result.stdout + result.stderr
+    assert not json.loads((project / "models/adapter/provenance.json").read_text())["resumed"]
+
+
+def validation_loss(project: Path, base: Path, adapter: bool = True) -> float:
+    from datasets import load_from_disk
+    from peft import PeftModel
+
+    from slmtune.evaluation import response_loss
+    from slmtune.modeling import load_model, load_tokenizer
+
+    model = load_model(base)
+    if adapter:
+        model = PeftModel.from_pretrained(model, project / "models/adapter")
+    val = load_from_disk(str(project / "data/tokenized"))["val"].select_columns(["input_ids", "labels"])
+    return response_loss(model, load_tokenizer(base), val, 8)
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_model_dir):
+    """DDP over gloo: 2 processes x n/2 examples vs 1 process x n. The global batch is the whole training split,
+    so that both see the same examples at every step whatever order each sampler draws (no dropout)."""
+    from datasets import load_from_disk
+
+    from slmtune.config import compose_params
+
+    common = [
+        f"model.source={tiny_model_dir}",
+        "model.gguf_file=null",
+        *TINY_OVERRIDES,
+        "train.max_steps=10",
+        "train.learning_rate=1e-2",
+        "method.dropout=0.0",
+        "train.save_steps=0",
+    ]
+    one = make_project(tmp_path / "one", common)
+    run(["dvc", "repro", "tokenize"], one)
+    n = len(load_from_disk(str(one / "data/tokenized"))["train"])
+    assert n % 2 == 0
+    compose_params(one, one / "params.yaml", [*common, f"train.batch_size={n}"])
+    two = make_project(tmp_path / "two", [*common, f"train.batch_size={n // 2}", "train.num_processes=2"])
+    run(["dvc", "repro", "train"], one)
+    launched = run(["dvc", "repro", "train"], two)
+    assert "accelerate.commands.launch --num_processes 2" in launched.stdout + launched.stderr
+    assert [s for s, _ in losses(one)] == [s for s, _ in losses(two)] == list(range(1, 11))
+    # The gradient is token-weighted across both processes (the Trainer gathers the label count), so the two
+    # runs differ by float summation order only. Two processes each training alone on all the data (what
+    # torchrun without ACCELERATE_USE_CPU gave) differ in the LoRA B weights by ~25% and in the logged loss
+    # from step 1 (each step an epoch of two batches).
+    for (_, a), (_, b) in zip(losses(one), losses(two)):
+        assert b == pytest.approx(a, rel=1e-5)
+    ours, theirs = adapter_weights(two), adapter_weights(one)
+    for name in ours:
+        assert ours[name].allclose(theirs[name], rtol=1e-3, atol=1e-6), name
+    final = [validation_loss(p, tiny_model_dir) for p in (one, two)]
+    gained = validation_loss(one, tiny_model_dir, adapter=False) - final[0]
+    assert gained > 0.05 and final[1] == pytest.approx(final[0], abs=1e-3 * gained)
+
+
+def test_push_to_hub_offline_fails_before_training(tmp_path, tiny_model_dir):
+    overrides = [
+        f"model.source={tiny_model_dir}",
+        "model.gguf_file=null",
+        *TINY_OVERRIDES,
+        "train.push_to_hub=true",
+        "train.hub_model_id=someone/tiny-lora",
+    ]
+    project = make_project(tmp_path / "p", overrides)
+    result = run(["dvc", "repro"], project, check=False)
+    assert result.returncode != 0
+    assert (
+        "error: params.yaml: train.push_to_hub=true but the Hugging Face Hub is offline (HF_HUB_OFFLINE=1)"
+        in result.stderr
+    )
+    assert "trainable params" not in result.stdout and not (project / "models/adapter").exists()
+    missing_id = subprocess.run(
+        [*SLMTUNE, "params", "train.push_to_hub=true", "--root", str(project)],
+        capture_output=True,
+        text=True,
+        env=stage_env(),
+    )
+    assert missing_id.returncode == 1 and "train.push_to_hub=true needs train.hub_model_id" in missing_id.stderr
