@@ -1,4 +1,5 @@
 # `make repro`: set up and run the pipeline. `make test`: set up and run the test suite.
+# `make test-fast`: the tests that run no pipeline (minutes); `make lint`: ruff check and format check.
 # Both are idempotent: setup reruns only when pyproject.toml or requirements.lock change.
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +11,7 @@ export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test test-fast params
+.PHONY: setup repro test test-fast lint params
 
 setup: $(STAMP)
 
@@ -31,4 +32,8 @@ test: setup
 	pytest
 
 test-fast: setup
-	pytest -m "not e2e"
+	pytest -m "not e2e and not pipeline"
+
+lint: setup
+	ruff check .
+	ruff format --check .

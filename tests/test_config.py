@@ -1,12 +1,15 @@
 """Configuration: conf/ composes into params.yaml, the schema rejects what it does not know, and `slmtune params`."""
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from slmtune.config import Config, ConfigError, compose_params, load_config, validate_config
+from conftest import SLMTUNE
+from slmtune.config import Config, ConfigError, compose_params, config_to_dict, flatten, load_config, validate_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -132,3 +135,37 @@ def test_preset_replaces_the_sources_of_the_default(tmp_path):
     config = compose_params(REPO, tmp_path / "params.yaml", ["data=support_chat"])
     assert list(config.data.sources) == ["support_chat"] and config.data.max_length == 384
     assert config.data.on_invalid == "fail", "shared data settings come from config.yaml"
+
+
+def test_conf_defaults_equal_the_schema_defaults(tmp_path):
+    """conf/ and the dataclasses state every default twice: they must agree (data sources excepted, which
+    the schema leaves empty)."""
+    composed = yaml.safe_load(compose_and_read(tmp_path))
+    schema = config_to_dict(Config())
+    composed["data"].pop("sources")
+    schema["data"].pop("sources")
+    differing = {
+        key: (value, flatten(schema).get(key, "<not in the schema>"))
+        for key, value in flatten(composed).items()
+        if flatten(schema).get(key, object()) != value
+    }
+    assert not differing, f"conf/ value vs dataclass default: {differing}"
+
+
+def compose_and_read(tmp_path) -> str:
+    compose_params(REPO, tmp_path / "params.yaml")
+    return (tmp_path / "params.yaml").read_text()
+
+
+def test_params_check_command_passes_when_current_and_fails_when_stale(tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "conf", project / "conf")
+    shutil.copy2(REPO / "params.yaml", project / "params.yaml")
+    current = subprocess.run([*SLMTUNE, "params", "--check", "--root", str(project)], capture_output=True, text=True)
+    assert current.returncode == 0 and "up to date" in current.stdout
+    (project / "conf/train/default.yaml").write_text(
+        (project / "conf/train/default.yaml").read_text().replace("seed: 42", "seed: 43")
+    )
+    stale = subprocess.run([*SLMTUNE, "params", "--check", "--root", str(project)], capture_output=True, text=True)
+    assert stale.returncode == 1 and stale.stderr.startswith("error: ") and "is stale" in stale.stderr
+    assert stale.stderr.count("\n") == 1 and "Traceback" not in stale.stderr

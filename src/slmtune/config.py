@@ -8,6 +8,7 @@ or a value of the wrong type stops with one line naming the key.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -126,6 +127,25 @@ class SourceConfig:
     weight: float = 1.0
     """Share of this source in training: 2.0 repeats each training row twice, 0.5 keeps a seeded half."""
 
+    def check(self, key: str, raw_data: str, where: str) -> None:
+        _one_of(where, f"{key}.format", self.format, SOURCE_FORMATS)
+        _one_of(where, f"{key}.kind", self.kind, SOURCE_KINDS)
+        if self.split is not None:
+            _one_of(where, f"{key}.split", self.split, SPLIT_NAMES)
+        if not self.weight > 0:
+            raise ConfigError(f"{where}: {key}.weight must be above 0 (got {self.weight}).")
+        unknown = sorted(set(self.columns) - set(KIND_FIELDS[self.kind]))
+        if unknown:
+            raise ConfigError(
+                f"{where}: {key}.columns: unknown field(s) {', '.join(unknown)} for kind {self.kind}; "
+                f"use {', '.join(KIND_FIELDS[self.kind])}."
+            )
+        if self.format != "hub" and not _is_inside(self.path, raw_data):
+            raise ConfigError(
+                f"{where}: {key}.path '{self.path}' is outside {raw_data}/; move the file there "
+                f"(prepare depends on {raw_data}/, so DVC tracks it) or set format: hub for a hub dataset."
+            )
+
 
 @dataclass
 class DataConfig:
@@ -155,6 +175,22 @@ class DataConfig:
     """Cut examples longer than max_length (and count them) instead of treating them as invalid."""
     train_on_prompt: bool = False
     """Also compute the loss on prompt tokens (default: assistant tokens only)."""
+
+    def check(self, raw_data: str, where: str) -> None:
+        fractions = self.val_fraction + self.test_fraction
+        if not (self.test_fraction >= 0 and self.val_fraction >= 0 and fractions < 1):
+            raise ConfigError(
+                f"{where}: data.val_fraction + data.test_fraction must be below 1 "
+                f"(got {self.val_fraction} + {self.test_fraction})."
+            )
+        _one_of(where, "data.on_invalid", self.on_invalid, ("fail", "skip"))
+        _one_of(where, "data.template", self.template, TEMPLATES)
+        if self.template == "custom" and not self.chat_template:
+            raise ConfigError(f"{where}: data.template=custom needs data.chat_template (a Jinja chat template).")
+        if not self.sources:
+            raise ConfigError(f"{where}: data.sources is empty; add at least one source.")
+        for name, source in self.sources.items():
+            source.check(f"data.sources.{name}", raw_data, where)
 
 
 METHOD_ADAPTERS = ("lora", "none")
@@ -196,6 +232,19 @@ class MethodConfig:
     """Rank-stabilised LoRA: scale by alpha / sqrt(r), so that higher ranks keep learning."""
     modules_to_save: Optional[list[str]] = None
     """Extra modules trained in full and saved with the adapter (classification: the head, picked automatically)."""
+
+    def check(self, where: str) -> None:
+        _one_of(where, "method.adapter", self.adapter, METHOD_ADAPTERS)
+        _one_of(where, "method.quantization", self.quantization, QUANTIZATIONS)
+        _one_of(where, "method.bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
+        _one_of(where, "method.bias", self.bias, ("none", "all", "lora_only"))
+        if self.adapter == "none" and self.quantization != "none":
+            raise ConfigError(
+                f"{where}: method.quantization={self.quantization} needs method.adapter=lora "
+                "(quantised weights cannot be trained directly; QLoRA trains adapters on them)."
+            )
+        if self.adapter == "lora" and self.r < 1:
+            raise ConfigError(f"{where}: method.r must be at least 1 (got {self.r}).")
 
 
 @dataclass
@@ -252,6 +301,24 @@ class TrainConfig:
     hub_model_id: Optional[str] = None
     """Hub repository for push_to_hub, e.g. your-name/smollm2-support-lora (created private if missing)."""
 
+    def check(self, where: str) -> None:
+        _one_of(where, "train.precision", self.precision, PRECISIONS)
+        for key in ("batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "num_processes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}: train.{key} must be at least 1 (got {getattr(self, key)}).")
+        if self.save_steps < 0 or self.save_total_limit < 1:
+            raise ConfigError(f"{where}: train.save_steps must be >= 0 and train.save_total_limit >= 1.")
+        if self.early_stopping_patience > 0 and (self.save_steps == 0 or self.save_steps % self.eval_steps):
+            raise ConfigError(
+                f"{where}: early stopping keeps the best checkpoint, so train.save_steps ({self.save_steps}) must be "
+                f"a positive multiple of train.eval_steps ({self.eval_steps})."
+            )
+        hub_id = self.hub_model_id
+        if self.push_to_hub and not (hub_id and hub_id.count("/") <= 1 and hub_id.strip("/")):
+            raise ConfigError(
+                f"{where}: train.push_to_hub=true needs train.hub_model_id as 'name' or 'owner/name' (got {hub_id!r})."
+            )
+
 
 @dataclass
 class EvalConfig:
@@ -269,6 +336,14 @@ class EvalConfig:
     null: off."""
     gate_max_drop: float = 0.0
     """Largest allowed drop (a rise, for loss and perplexity) of the tuned model against the base on gate_metric."""
+
+    def check(self, task: str, where: str) -> None:
+        if self.gate_metric is not None:
+            _one_of(where, "eval.gate_metric", self.gate_metric, metric_names(task))
+        if self.gate_max_drop < 0:
+            raise ConfigError(f"{where}: eval.gate_max_drop must be >= 0 (got {self.gate_max_drop}).")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError(f"{where}: eval.max_new_tokens and eval.batch_size must be at least 1.")
 
 
 @dataclass
@@ -295,6 +370,26 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def check(self, where: str) -> None:
+        """Values each section allows, then what the sections must agree on; one ConfigError naming the key."""
+        task = self.model.task
+        _one_of(where, "model.task", task, TASKS)
+        self.method.check(where)
+        self.train.check(where)
+        self.eval.check(task, where)
+        self.data.check(self.paths.raw_data, where)
+        wrong = sorted(
+            name for name, src in self.data.sources.items() if (src.kind == "label") != (task == "classification")
+        )
+        if wrong:
+            need = "kind: label" if task == "classification" else "kind instruction, chat or text"
+            raise ConfigError(
+                f"{where}: model.task={task} needs sources of {need}; data.sources.{wrong[0]} is kind "
+                f"{self.data.sources[wrong[0]].kind}."
+            )
+        if self.train.packing and task != "causal_lm":
+            raise ConfigError(f"{where}: train.packing works for model.task=causal_lm only; set train.packing=false.")
+
 
 def validate_config(raw: Any, source: str) -> Config:
     """Merge a plain mapping into the schema; unknown keys and wrong types raise ConfigError."""
@@ -308,107 +403,13 @@ def validate_config(raw: Any, source: str) -> Config:
         raise ConfigError(
             f"{source}: invalid key '{key}': {reason}. Fix it in conf/ and run `slmtune params`."
         ) from None
-    _check_values(config, source)
+    config.check(source)
     return config
-
-
-def _check_values(config: Config, source: str) -> None:
-    data = config.data
-    fractions = data.val_fraction + data.test_fraction
-    if not (data.test_fraction >= 0 and data.val_fraction >= 0 and fractions < 1):
-        raise ConfigError(
-            f"{source}: data.val_fraction + data.test_fraction must be below 1 "
-            f"(got {data.val_fraction} + {data.test_fraction})."
-        )
-    _one_of(source, "data.on_invalid", data.on_invalid, ("fail", "skip"))
-    _check_training(config, source)
-    _check_eval(config, source)
-    _one_of(source, "data.template", data.template, TEMPLATES)
-    if data.template == "custom" and not data.chat_template:
-        raise ConfigError(f"{source}: data.template=custom needs data.chat_template (a Jinja chat template).")
-    if not data.sources:
-        raise ConfigError(f"{source}: data.sources is empty; add at least one source.")
-    for name, src in data.sources.items():
-        _check_source(f"data.sources.{name}", src, config.paths.raw_data, source)
-
-
-def _check_training(config: Config, source: str) -> None:
-    method, train = config.method, config.train
-    _one_of(source, "method.adapter", method.adapter, METHOD_ADAPTERS)
-    _one_of(source, "method.quantization", method.quantization, QUANTIZATIONS)
-    _one_of(source, "method.bnb_4bit_quant_type", method.bnb_4bit_quant_type, ("nf4", "fp4"))
-    _one_of(source, "method.bias", method.bias, ("none", "all", "lora_only"))
-    _one_of(source, "model.task", config.model.task, TASKS)
-    _one_of(source, "train.precision", train.precision, PRECISIONS)
-    if method.adapter == "none" and method.quantization != "none":
-        raise ConfigError(
-            f"{source}: method.quantization={method.quantization} needs method.adapter=lora "
-            "(quantised weights cannot be trained directly; QLoRA trains adapters on them)."
-        )
-    if method.adapter == "lora" and method.r < 1:
-        raise ConfigError(f"{source}: method.r must be at least 1 (got {method.r}).")
-    for key in ("batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "num_processes"):
-        if getattr(train, key) < 1:
-            raise ConfigError(f"{source}: train.{key} must be at least 1 (got {getattr(train, key)}).")
-    if train.save_steps < 0 or train.save_total_limit < 1:
-        raise ConfigError(f"{source}: train.save_steps must be >= 0 and train.save_total_limit >= 1.")
-    if train.early_stopping_patience > 0 and (train.save_steps == 0 or train.save_steps % train.eval_steps):
-        raise ConfigError(
-            f"{source}: early stopping keeps the best checkpoint, so train.save_steps ({train.save_steps}) must be "
-            f"a positive multiple of train.eval_steps ({train.eval_steps})."
-        )
-    kinds = {name: src.kind for name, src in config.data.sources.items()}
-    wrong = sorted(name for name, kind in kinds.items() if (kind == "label") != (config.model.task == "classification"))
-    if wrong:
-        need = "kind: label" if config.model.task == "classification" else "kind instruction, chat or text"
-        raise ConfigError(
-            f"{source}: model.task={config.model.task} needs sources of {need}; data.sources.{wrong[0]} is kind "
-            f"{kinds[wrong[0]]}."
-        )
-    if train.push_to_hub and not (
-        train.hub_model_id and train.hub_model_id.count("/") <= 1 and train.hub_model_id.strip("/")
-    ):
-        raise ConfigError(
-            f"{source}: train.push_to_hub=true needs train.hub_model_id as 'name' or 'owner/name' "
-            f"(got {train.hub_model_id!r})."
-        )
-    if train.packing and config.model.task != "causal_lm":
-        raise ConfigError(f"{source}: train.packing works for model.task=causal_lm only; set train.packing=false.")
-
-
-def _check_eval(config: Config, source: str) -> None:
-    gate = config.eval.gate_metric
-    if gate is not None:
-        _one_of(source, "eval.gate_metric", gate, metric_names(config.model.task))
-    if config.eval.gate_max_drop < 0:
-        raise ConfigError(f"{source}: eval.gate_max_drop must be >= 0 (got {config.eval.gate_max_drop}).")
-    if config.eval.max_new_tokens < 1 or config.eval.batch_size < 1:
-        raise ConfigError(f"{source}: eval.max_new_tokens and eval.batch_size must be at least 1.")
 
 
 def _one_of(source: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{source}: {key} must be one of {', '.join(allowed)}, not '{value}'.")
-
-
-def _check_source(key: str, src: SourceConfig, raw_data: str, source: str) -> None:
-    _one_of(source, f"{key}.format", src.format, SOURCE_FORMATS)
-    _one_of(source, f"{key}.kind", src.kind, SOURCE_KINDS)
-    if src.split is not None:
-        _one_of(source, f"{key}.split", src.split, SPLIT_NAMES)
-    if not src.weight > 0:
-        raise ConfigError(f"{source}: {key}.weight must be above 0 (got {src.weight}).")
-    unknown = sorted(set(src.columns) - set(KIND_FIELDS[src.kind]))
-    if unknown:
-        raise ConfigError(
-            f"{source}: {key}.columns: unknown field(s) {', '.join(unknown)} for kind {src.kind}; "
-            f"use {', '.join(KIND_FIELDS[src.kind])}."
-        )
-    if src.format != "hub" and not _is_inside(src.path, raw_data):
-        raise ConfigError(
-            f"{source}: {key}.path '{src.path}' is outside {raw_data}/; move the file there "
-            f"(prepare depends on {raw_data}/, so DVC tracks it) or set format: hub for a hub dataset."
-        )
 
 
 def _is_inside(path: str, folder: str) -> bool:
@@ -447,9 +448,8 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def compose_params(root: str | Path, output: str | Path, overrides: list[str] | None = None) -> Config:
     """Compose `conf/` exactly as DVC's Hydra integration does, validate it, write `output`."""
-    from dvc.utils.hydra import (
-        compose_and_dump,
-    )  # DVC and Hydra take seconds to import: only `slmtune params` needs them
+    # DVC and Hydra take seconds to import and only composing needs them, not the stages loading params.yaml
+    from dvc.utils.hydra import compose_and_dump
     from hydra.errors import HydraException
 
     root = Path(root).resolve()
@@ -466,8 +466,6 @@ def compose_params(root: str | Path, output: str | Path, overrides: list[str] | 
 
 def params_are_current(root: str | Path, overrides: list[str] | None = None) -> bool:
     """Whether `params.yaml` equals a fresh composition of `conf/` (what `slmtune params --check` asks)."""
-    import tempfile
-
     target = Path(root) / PARAMS_FILE
     with tempfile.TemporaryDirectory() as scratch:
         fresh = Path(scratch) / PARAMS_FILE

@@ -190,7 +190,7 @@ def _table_rows(name: str, records: list[dict[str, Any]]) -> list[Row]:
 
 
 def _read_parquet(path: Path) -> list[Row]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # heavy imports, needed only for these formats: prepare starts in a blink
     from pyarrow import ArrowException
 
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from huggingface_hub import HfApi, constants, get_token
+
 from .config import Config
 from .errors import ConfigError
 
@@ -14,8 +16,6 @@ def check_hub_push(config: Config) -> None:
     offline or there is no token."""
     if not config.train.push_to_hub:
         return
-    from huggingface_hub import constants, get_token
-
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     if offline:
         raise ConfigError(
@@ -32,8 +32,6 @@ def check_hub_push(config: Config) -> None:
 
 def push_to_hub(config: Config, folder: Path, run_id: str) -> str:
     """Upload the adapter folder to `train.hub_model_id` (a private repository when it is created); return its URL."""
-    from huggingface_hub import HfApi
-
     api = HfApi()
     repo = api.create_repo(config.train.hub_model_id, private=True, exist_ok=True)
     api.upload_folder(folder_path=str(folder), repo_id=repo.repo_id, commit_message=f"slmtune: MLflow run {run_id}")

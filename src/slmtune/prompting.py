@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from transformers import DataCollatorForSeq2Seq
+
 from .errors import TokenizationError
 from .formats import Problem
 
@@ -210,8 +212,6 @@ def generation_prompt(
 
 def padding_collator(tokenizer: Any) -> Any:
     """Pads each batch to its longest example (never to max_length); padded labels carry no loss."""
-    from transformers import DataCollatorForSeq2Seq
-
     return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
 
 
