@@ -23,23 +23,25 @@ class Metric:
     """min (lower is better) or max (higher is better)."""
     kind: str
     """loss (unbounded: loss, perplexity) or score (between 0 and 1)."""
+    short: str
+    """The name in narrow places: per-category columns, the scores beside each answer."""
 
 
 CAUSAL_LM = (
-    Metric("loss", "Test loss (response tokens)", "min", "loss"),
-    Metric("perplexity", "Perplexity", "min", "loss"),
-    Metric("bleu", "BLEU-4 (corpus)", "max", "score"),
-    Metric("rouge1", "ROUGE-1 F1", "max", "score"),
-    Metric("rouge2", "ROUGE-2 F1", "max", "score"),
-    Metric("rougeL", "ROUGE-L F1", "max", "score"),
-    Metric("exact_match", "Exact match", "max", "score"),
-    Metric("token_f1", "Token F1", "max", "score"),
-    Metric("contains", "Contains reference", "max", "score"),
+    Metric("loss", "Test loss (response tokens)", "min", "loss", "loss"),
+    Metric("perplexity", "Perplexity", "min", "loss", "perplexity"),
+    Metric("bleu", "BLEU-4 (corpus)", "max", "score", "BLEU"),
+    Metric("rouge1", "ROUGE-1 F1", "max", "score", "ROUGE-1"),
+    Metric("rouge2", "ROUGE-2 F1", "max", "score", "ROUGE-2"),
+    Metric("rougeL", "ROUGE-L F1", "max", "score", "ROUGE-L"),
+    Metric("exact_match", "Exact match", "max", "score", "EM"),
+    Metric("token_f1", "Token F1", "max", "score", "token F1"),
+    Metric("contains", "Contains reference", "max", "score", "contains"),
 )
 CLASSIFICATION = (
-    Metric("accuracy", "Accuracy", "max", "score"),
-    Metric("f1", "Macro F1", "max", "score"),
-    Metric("loss", "Test loss (cross-entropy)", "min", "loss"),
+    Metric("accuracy", "Accuracy", "max", "score", "accuracy"),
+    Metric("f1", "Macro F1", "max", "score", "F1"),
+    Metric("loss", "Test loss (cross-entropy)", "min", "loss", "loss"),
 )
 BY_TASK = {"causal_lm": CAUSAL_LM, "classification": CLASSIFICATION}
 """The metrics of each model.task, in report order."""
@@ -49,6 +51,10 @@ TEXT_MODULES = ("bleu", "rouge", "answer_match", "contains_match")
 """The local `evaluate` modules that compute the causal-LM text metrics."""
 SWEEP_COLUMNS = ("loss", "perplexity", "rougeL", "contains")
 """Tuned-model metrics every sweep report shows beside the ranking metric."""
+CATEGORY_COLUMNS = ("loss", "rougeL", "token_f1", "exact_match", "bleu")
+"""Metrics of the report's per-category table (BLEU there: mean sentence BLEU)."""
+ANSWER_SCORES = ("rougeL", "token_f1", "contains")
+"""Per-example scores the report prints beside each answer."""
 
 
 def metric_names(task: str) -> tuple[str, ...]:
@@ -61,6 +67,11 @@ def direction(name: str) -> str | None:
     short = name.split(".")[-1]
     found = {metric.direction for metrics in BY_TASK.values() for metric in metrics if metric.name == short}
     return found.pop() if len(found) == 1 else None
+
+
+def short_name(name: str) -> str:
+    """The short label of a causal-LM metric."""
+    return next(metric.short for metric in CAUSAL_LM if metric.name == name)
 
 
 def lower_is_better(name: str) -> bool:

@@ -9,16 +9,8 @@ from typing import Any
 
 import yaml
 
-from ..metrics import BY_TASK, Metric
+from ..metrics import ANSWER_SCORES, BY_TASK, CATEGORY_COLUMNS, Metric, short_name
 from . import plt, save_figure, table
-
-CATEGORY_METRICS = (
-    ("loss", "loss"),
-    ("rougeL", "ROUGE-L"),
-    ("token_f1", "token F1"),
-    ("exact_match", "EM"),
-    ("bleu", "BLEU"),
-)
 
 
 def _quote(text: str) -> str:
@@ -46,10 +38,10 @@ def category_table(metrics: dict[str, Any]) -> str:
     categories = metrics.get("by_category")
     if not categories:
         return ""
-    header = ["category", "examples"] + [f"{label} base → tuned" for _, label in CATEGORY_METRICS]
+    header = ["category", "examples"] + [f"{short_name(key)} base → tuned" for key in CATEGORY_COLUMNS]
     rows = [
         [name, entry["examples"]]
-        + [f"{entry['base'][key]:.3f} → {entry['tuned'][key]:.3f}" for key, _ in CATEGORY_METRICS]
+        + [f"{entry['base'][key]:.3f} → {entry['tuned'][key]:.3f}" for key in CATEGORY_COLUMNS]
         for name, entry in sorted(categories.items())
     ]
     return "## By category\n\n" + table(header, rows) + "\n\n"
@@ -95,8 +87,8 @@ def predictions_section(generations: list[dict[str, Any]]) -> str:
 
 
 def _scores(row: dict[str, Any], model: str) -> str:
-    shown = [("rougeL", "ROUGE-L"), ("token_f1", "token F1"), ("contains", "contains")]
-    return ", ".join(f"{label} {row[f'{model}_{key}']:.2f}" for key, label in shown if f"{model}_{key}" in row)
+    shown = [key for key in ANSWER_SCORES if f"{model}_{key}" in row]
+    return ", ".join(f"{short_name(key)} {row[f'{model}_{key}']:.2f}" for key in shown)
 
 
 def answers_section(generations: list[dict[str, Any]]) -> str:
