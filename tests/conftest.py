@@ -37,6 +37,16 @@ TINY_OVERRIDES = [
 ]
 
 
+PIPELINE_FIXTURES = {"tiny_project", "trained", "tokenized"}
+"""Fixtures that run the real pipeline: a test using one is marked `pipeline` (left out by `make test-fast`)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PIPELINE_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.pipeline)
+
+
 def sample_texts() -> list[str]:
     with open(REPO / "data/raw/company_kb.csv", encoding="utf-8") as handle:
         return [" ".join(row.values()) for row in csv.DictReader(handle)]

@@ -103,6 +103,7 @@ FORMAT_PRESETS = [
 ]
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("preset", FORMAT_PRESETS)
 def test_every_data_format_trains_through_dvc_repro(tmp_path, tiny_model_dir, preset):
     project = make_project(
@@ -116,6 +117,7 @@ def test_every_data_format_trains_through_dvc_repro(tmp_path, tiny_model_dir, pr
     )
 
 
+@pytest.mark.pipeline
 def test_hub_dataset_from_the_local_cache_trains_through_dvc_repro(tmp_path, tiny_model_dir, hub_cache):
     overrides = [
         "data=hub_guanaco",

@@ -473,6 +473,7 @@ def test_dvc_repro_reports_bad_data_and_stops(tiny_project: Path):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.pipeline
 def test_hub_dataset_offline_without_cache_stops_prepare_with_one_line(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
     project = make_project(
@@ -498,6 +499,7 @@ BAD_ROWS = {
 }
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("fixture", list(BAD_ROWS))
 def test_malformed_file_stops_prepare_with_one_line_and_no_outputs(tmp_path, tiny_model_dir, fixture):
     project = bad_data_project(tmp_path / "project", tiny_model_dir, fixture)

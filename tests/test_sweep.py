@@ -65,6 +65,7 @@ def _fresh_clone_state(project: Path) -> None:
         shutil.rmtree(project / path)
 
 
+@pytest.mark.pipeline
 def test_sweep_runs_the_grid_as_queued_experiments_under_one_parent_and_reproduces(tmp_path, tiny_model_dir):
     project = make_project(
         tmp_path / "project",

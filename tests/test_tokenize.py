@@ -230,6 +230,7 @@ def test_data_report_counts_rows_tokens_and_drops(tiny_project: Path):
     assert f"{tokens['splits']['train']['trained_share']:.1%}" in report
 
 
+@pytest.mark.pipeline
 def test_too_long_example_stops_tokenize_or_is_skipped(tmp_path, tiny_model_dir):
     project = bad_data_project(tmp_path / "project", tiny_model_dir, "too_long.jsonl", "data.max_length=64")
     run(["python", "-P", "stages/base.py"], project)

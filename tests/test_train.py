@@ -235,6 +235,7 @@ def test_training_controls_target_modules_early_stopping_checkpointing_memory_mo
     assert {"memory/load/rss_mb", "memory/prepared/rss_mb", "memory/rss_mb", "memory/peak_rss_mb"} <= set(logged)
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("arch", ["gpt_neox", "opt", "gpt2"])
 def test_each_causal_architecture_runs_the_pipeline(tmp_path, arch):
     model_dir = save_tiny_model(tmp_path / f"tiny-{arch}", sample_texts(), arch)
@@ -263,6 +264,7 @@ def test_continued_pretraining_on_raw_text(tokenized, tmp_path):
     assert out["metrics"]["tuned"]["loss"] < out["metrics"]["base"]["loss"]
 
 
+@pytest.mark.pipeline
 def test_sequence_classification_with_lora_on_distilbert(tmp_path, monkeypatch):
     model_dir = save_tiny_model(tmp_path / "tiny-distilbert", sample_texts(), "distilbert")
     overrides = [
@@ -350,6 +352,7 @@ def kill_at_first_checkpoint(project: Path, step: int) -> None:
     process.wait()
 
 
+@pytest.mark.pipeline
 def test_killed_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(tmp_path, tiny_model_dir):
     overrides = [
         f"model.source={tiny_model_dir}",
@@ -383,6 +386,7 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_like_an_uninterrup
         assert ours[name].allclose(theirs[name], atol=1e-6), name
 
 
+@pytest.mark.pipeline
 def test_stale_checkpoints_of_another_config_are_not_resumed(tmp_path, tiny_model_dir):
     overrides = [
         f"model.source={tiny_model_dir}",
@@ -417,6 +421,7 @@ def validation_loss(project: Path, base: Path, adapter: bool = True) -> float:
     return response_loss(model, load_tokenizer(base), val, 8)
 
 
+@pytest.mark.pipeline
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_model_dir):
     """DDP over gloo: 2 processes x n/2 examples vs 1 process x n. The global batch is the whole training split,
     so that both see the same examples at every step whatever order each sampler draws (no dropout)."""
@@ -457,6 +462,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_
     assert gained > 0.05 and final[1] == pytest.approx(final[0], abs=1e-3 * gained)
 
 
+@pytest.mark.pipeline
 def test_push_to_hub_offline_fails_before_training(tmp_path, tiny_model_dir):
     overrides = [
         f"model.source={tiny_model_dir}",
