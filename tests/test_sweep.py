@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from conftest import TINY_OVERRIDES, make_project, run
 from slmtune.errors import ExperimentError
 from slmtune.experiments import metric_direction, sweep_points, swept_keys
-from slmtune.reports.sweep import rank_experiments, render_sweep_report
+from slmtune.reports.sweep import SweepOutcome, rank_experiments, render_sweep_report
 
 ROWS = {
     "exp-a": {"method.r": 4, "train.learning_rate": 1e-4, "tuned.loss": 2.5, "tuned.rougeL": 0.30},
@@ -37,16 +37,10 @@ def test_sweep_ranks_by_the_chosen_metric_in_its_direction():
     assert metric_direction("tuned.bleu", None) == "max" and metric_direction("tuned.perplexity", None) == "min"
     with pytest.raises(ExperimentError, match="--direction"):
         metric_direction("tuned.meteor", None)
-    report = render_sweep_report(
-        ROWS,
-        {"exp-a": "Success", "exp-b": "Success", "exp-c": "Success", "exp-d": "Failed"},
-        {"exp-b": "run-b"},
-        ["method.r", "train.learning_rate"],
-        "tuned.loss",
-        "min",
-        "parent",
-        "sweep.png",
-    )
+    states = {"exp-a": "Success", "exp-b": "Success", "exp-c": "Success", "exp-d": "Failed"}
+    swept = ["method.r", "train.learning_rate"]
+    outcome = SweepOutcome(ROWS, states, {"exp-b": "run-b"}, swept, "tuned.loss", "min", "parent")
+    report = render_sweep_report(outcome, "sweep.png")
     table = [line for line in report.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| rank | experiment | method.r | train.learning_rate | tuned.loss")
     assert [line.split(" | ")[1] for line in table[1:]] == ["`exp-b`", "`exp-c`", "`exp-a`"]

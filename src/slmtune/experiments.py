@@ -32,7 +32,7 @@ from .errors import ExperimentError
 from .lineage import file_md5, git_state
 from .metrics import direction
 from .outputs import staged_outputs
-from .reports.sweep import plot_sweep, rank_experiments, render_sweep_report
+from .reports.sweep import SweepOutcome, plot_sweep, render_sweep_report
 from .tracking import (
     ADAPTER_RUN_TAG,
     BASELINE_TAG,
@@ -225,25 +225,15 @@ def metric_direction(metric: str, given: str | None) -> str:
     return known
 
 
-def write_sweep_report(
-    config: Config,
-    rows: dict[str, dict[str, Any]],
-    states: dict[str, str],
-    children: dict[str, str],
-    swept: list[str],
-    metric: str,
-    order: str,
-    parent_id: str,
-) -> dict[str, Any]:
+def write_sweep_report(config: Config, sweep: SweepOutcome) -> dict[str, Any]:
     """Write `sweep.md` and its plot; return the best experiment's name and metric value."""
     link = os.path.relpath(config.paths.sweep_plot, Path(config.paths.sweep_report).parent)
     with staged_outputs(config.paths.sweep_report, config.paths.sweep_plot) as (report_path, plot_path):
-        plot_sweep(plot_path, rows, swept, metric)
-        report = render_sweep_report(rows, states, children, swept, metric, order, parent_id, link)
-        report_path.write_text(report, encoding="utf-8")
-    ranked = rank_experiments(rows, metric, order)
-    best = ranked[0] if ranked and isinstance(rows[ranked[0]].get(metric), (int, float)) else None
-    return {"best": best, "best_value": float(rows[best][metric]) if best else None}
+        plot_sweep(plot_path, sweep)
+        report_path.write_text(render_sweep_report(sweep, link), encoding="utf-8")
+    ranked = sweep.ranked()
+    best = ranked[0] if ranked and isinstance(sweep.rows[ranked[0]].get(sweep.metric), (int, float)) else None
+    return {"best": best, "best_value": float(sweep.rows[best][sweep.metric]) if best else None}
 
 
 def run_sweep(root: Path, overrides: list[str], jobs: int, metric: str, direction: str | None) -> int:
@@ -276,9 +266,8 @@ def run_sweep(root: Path, overrides: list[str], jobs: int, metric: str, directio
         states = wait_for(root, tasks)
         rows = experiment_rows(root, [name for name, state in states.items() if state == "Success"])
         close_child_runs(children, states, rows)
-        summary = write_sweep_report(
-            config, rows, states, children, swept_keys(overrides), metric, order, parent.info.run_id
-        )
+        outcome = SweepOutcome(rows, states, children, swept_keys(overrides), metric, order, parent.info.run_id)
+        summary = write_sweep_report(config, outcome)
         mlflow.log_artifact(config.paths.sweep_report, "sweep")
         mlflow.log_artifact(config.paths.sweep_plot, "sweep")
         if summary["best"]:

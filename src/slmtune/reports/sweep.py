@@ -3,11 +3,35 @@ configuration, failures, and the metric plotted against each swept parameter."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..metrics import SWEEP_COLUMNS
 from . import plt, save_figure, short_number
+
+
+@dataclass
+class SweepOutcome:
+    """What a finished sweep knows: each experiment's params and metrics, its state and MLflow run."""
+
+    rows: dict[str, dict[str, Any]]
+    """Experiment name -> flat params and metrics, as `dvc exp show` lists them (finished ones)."""
+    states: dict[str, str]
+    """Experiment name -> Success or Failed (every queued one)."""
+    children: dict[str, str]
+    """Experiment name -> its MLflow child run id."""
+    swept: list[str]
+    """The keys that took several values."""
+    metric: str
+    """The ranking metric, as `dvc exp show` names it (tuned.loss)."""
+    order: str
+    """min or max."""
+    parent_id: str
+    """The sweep's MLflow parent run."""
+
+    def ranked(self) -> list[str]:
+        return rank_experiments(self.rows, self.metric, self.order)
 
 
 def rank_experiments(rows: dict[str, dict[str, Any]], metric: str, order: str) -> list[str]:
@@ -22,31 +46,24 @@ def rank_experiments(rows: dict[str, dict[str, Any]], metric: str, order: str) -
     return sorted(rows, key=key)
 
 
-def render_sweep_report(
-    rows: dict[str, dict[str, Any]],
-    states: dict[str, str],
-    children: dict[str, str],
-    swept: list[str],
-    metric: str,
-    order: str,
-    parent_id: str,
-    plot_link: str,
-) -> str:
+def render_sweep_report(sweep: SweepOutcome, plot_link: str) -> str:
     """`sweep.md`: params x metrics sorted by the chosen metric, the best configuration, failures, plot."""
-    ranked = rank_experiments(rows, metric, order)
+    rows, swept, metric = sweep.rows, sweep.swept, sweep.metric
+    ranked = sweep.ranked()
     metrics = [metric] + [f"tuned.{m}" for m in SWEEP_COLUMNS if f"tuned.{m}" != metric]
     header = ["rank", "experiment", *swept, *metrics, "MLflow run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if h == "rank" else "---" for h in header) + "|"]
     for rank, name in enumerate(ranked, start=1):
         row = rows[name]
         values = [short_number(row.get(k)) for k in (*swept, *metrics)]
-        lines.append("| " + " | ".join([str(rank), f"`{name}`", *values, f"`{children.get(name, '')}`"]) + " |")
-    failed = sorted(name for name, state in states.items() if state != "Success")
+        lines.append("| " + " | ".join([str(rank), f"`{name}`", *values, f"`{sweep.children.get(name, '')}`"]) + " |")
+    failed = sorted(name for name, state in sweep.states.items() if state != "Success")
     best = ranked[0] if ranked else None
+    better = "lower" if sweep.order == "min" else "higher"
     parts = [
         "# Sweep\n",
-        f"{len(states)} experiments over {', '.join(f'`{k}`' for k in swept) or 'no swept key'}, ranked by "
-        f"`{metric}` ({'lower' if order == 'min' else 'higher'} is better). MLflow parent run `{parent_id}`.\n",
+        f"{len(sweep.states)} experiments over {', '.join(f'`{k}`' for k in swept) or 'no swept key'}, ranked by "
+        f"`{metric}` ({better} is better). MLflow parent run `{sweep.parent_id}`.\n",
         "\n".join(lines) + "\n",
     ]
     if best:
@@ -62,8 +79,9 @@ def render_sweep_report(
     return "\n".join(parts)
 
 
-def plot_sweep(path: Path, rows: dict[str, dict[str, Any]], swept: list[str], metric: str) -> None:
+def plot_sweep(path: Path, sweep: SweepOutcome) -> None:
     """One panel per swept parameter: the metric against its values, a line per setting of the others."""
+    rows, swept, metric = sweep.rows, sweep.swept, sweep.metric
     panels = swept or ["experiment"]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
     for axis, key in zip(axes[0], panels):
