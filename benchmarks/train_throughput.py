@@ -140,7 +140,8 @@ def run_ours(config, tokenizer) -> dict:
     from datasets import load_from_disk
 
     from slmtune.modeling import parameter_counts
-    from slmtune.training import MemoryMonitor, StepLog, fit, prepare_model
+    from slmtune.telemetry import MemoryMonitor, StepLog
+    from slmtune.training import fit, prepare_model
 
     splits = load_from_disk(config.paths.tokenized).select_columns(["input_ids", "labels"])
     model = prepare_model(config, tokenizer, MemoryMonitor(False))

@@ -10,6 +10,7 @@ import os
 import pty
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -84,10 +85,12 @@ SLMTUNE = [sys.executable, "-m", "slmtune.cli"]
 class Terminal:
     """`slmtune chat` in a pseudo-terminal: what a user's terminal would show, as it arrives."""
 
-    def __init__(self, project: Path, *args: str):
+    def __init__(self, project: Path, *args: str, sigint: str = "default"):
+        """`sigint`: how the launching shell left SIGINT for the command, default or ignored (nohup)."""
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the command, attached to the terminal
             os.chdir(project)
+            signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.SIG_DFL)
             os.execve(sys.executable, [*SLMTUNE, "chat", *args], stage_env())
         self.seen = ""
         self.chunks: list[tuple[float, str]] = []  # (arrival time, text) of every read
@@ -111,15 +114,19 @@ class Terminal:
         os.write(self.fd, text.encode())
 
     def exit_status(self, timeout: float = 30) -> int:
+        """The chat's exit code; it is killed and the test fails when it has not exited within `timeout`
+        (reads wait at most 0.1 s, so the deadline fires even when the chat prints nothing)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                self.seen += os.read(self.fd, 4096).decode("utf-8", "replace")
+            ready, _, _ = select.select([self.fd], [], [], 0.1)
+            if ready:
+                with contextlib.suppress(OSError):
+                    self.seen += os.read(self.fd, 4096).decode("utf-8", "replace")
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 return os.waitstatus_to_exitcode(status)
-            time.sleep(0.1)
         os.kill(self.pid, 9)
+        os.waitpid(self.pid, 0)
         raise AssertionError(f"chat did not exit; terminal shows:\n{self.seen}")
 
 
@@ -252,9 +259,19 @@ def trained(tmp_path_factory, tiny_model_dir) -> Path:
     return project
 
 
+def _link_weights(source: str, target: str) -> None:
+    """Hard-link large files under models/ and the DVC cache (written once, never edited in place: DVC
+    replaces outputs whole and keeps its cache read-only); copy everything else (SQLite, dvc.lock, git)."""
+    shared = (f"{os.sep}models{os.sep}", f"{os.sep}.dvc{os.sep}cache{os.sep}")
+    if os.path.getsize(source) > 1 << 20 and any(part in source for part in shared):
+        os.link(source, target)
+    else:
+        shutil.copy2(source, target)
+
+
 def copy_project(project: Path, tmp_path: Path) -> Path:
     """A private copy of a prepared project (its DVC cache included) for a test that changes it."""
-    return shutil.copytree(project, tmp_path / "project", symlinks=True)
+    return shutil.copytree(project, tmp_path / "project", symlinks=True, copy_function=_link_weights)
 
 
 def assert_trained_through_every_stage(project: Path) -> dict:

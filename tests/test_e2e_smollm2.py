@@ -6,7 +6,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import REPO, Terminal, make_project, run
+from conftest import REPO, Terminal, copy_project, make_project, run
 
 pytestmark = pytest.mark.e2e
 SMALL_RUN = ["train.max_steps=12", "train.eval_steps=6", "eval.max_new_tokens=24"]
@@ -14,11 +14,26 @@ SMALL_RUN = ["train.max_steps=12", "train.eval_steps=6", "eval.max_new_tokens=24
 MORE_FORMATS = ["polite_assistant", "dolly", "support_chat"]
 
 
-def test_smollm2_pipeline_lowers_test_loss_for_every_main_data_format(tmp_path: Path):
-    project = make_project(tmp_path / "project", SMALL_RUN)
-    run(["dvc", "repro"], project)
+@pytest.fixture(scope="session")
+def smollm2_base(tmp_path_factory) -> Path:
+    """One SmolLM2 project whose base model (the GGUF dequantised once, 540 MB), prepared and tokenized data
+    exist: each end-to-end test copies it and reruns what its settings change."""
+    project = make_project(tmp_path_factory.mktemp("smollm2") / "project", SMALL_RUN)
+    run(["dvc", "repro", "tokenize"], project)
+    return project
 
-    metrics = json.loads((project / "reports/metrics.json").read_text())
+
+def repro_with(project: Path, *overrides: str) -> tuple[str, dict]:
+    """Recompose params.yaml with `overrides` (on top of the small run), `dvc repro`, return stdout and metrics."""
+    run(["slmtune", "params", *SMALL_RUN, *overrides], project)
+    result = run(["dvc", "repro"], project)
+    return result.stdout, json.loads((project / "reports/metrics.json").read_text())
+
+
+def test_smollm2_default_pipeline_lowers_test_loss_then_merges_exports_and_chats(smollm2_base, tmp_path: Path):
+    project = copy_project(smollm2_base, tmp_path)
+    stdout, metrics = repro_with(project)
+    assert "Running stage 'base'" not in stdout and "Running stage 'train'" in stdout
     assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
     report = (project / "reports/before_after.md").read_text()
     for section in ("## Metrics", "## Answers", "## Lineage", "**Reference**", "**Base model**", "**Fine-tuned**"):
@@ -46,25 +61,27 @@ def test_smollm2_pipeline_lowers_test_loss_for_every_main_data_format(tmp_path: 
     terminal.type("\x04")
     assert terminal.exit_status() == 0 and "Traceback" not in terminal.seen
 
-    # QLoRA (4-bit NF4 base, bitsandbytes on this CPU) and full fine-tuning on the real model
-    for method, extra in (("qlora", []), ("full", ["train.learning_rate=1e-4"])):
-        run(["slmtune", "params", f"method={method}", *SMALL_RUN, *extra], project)
-        result = run(["dvc", "repro"], project)
-        assert "Running stage 'tokenize'" not in result.stdout and "Running stage 'train'" in result.stdout, method
-        metrics = json.loads((project / "reports/metrics.json").read_text())
-        assert metrics["tuned"]["loss"] < metrics["base"]["loss"], (method, metrics)
-        provenance = json.loads((project / "models/adapter/provenance.json").read_text())
-        assert provenance["config"]["method"]["name"] == method and provenance["metrics"]["memory/peak_rss_mb"] > 0
-        counts = provenance["parameters"]
-        assert (counts["trainable"] == counts["total"]) == (method == "full")
 
-    for preset in MORE_FORMATS:
-        run(["slmtune", "params", f"data={preset}", *SMALL_RUN], project)
-        result = run(["dvc", "repro"], project)
-        assert "Running stage 'base'" not in result.stdout and "Running stage 'train'" in result.stdout, preset
-        metrics = json.loads((project / "reports/metrics.json").read_text())
-        assert metrics["tuned"]["loss"] < metrics["base"]["loss"], (preset, metrics)
-        assert "## Rows per source and split" in (project / "reports/data_report.md").read_text()
+@pytest.mark.parametrize(("method", "extra"), [("qlora", []), ("full", ["train.learning_rate=1e-4"])])
+def test_smollm2_qlora_and_full_fine_tuning_lower_test_loss(smollm2_base, tmp_path: Path, method, extra):
+    """QLoRA (4-bit NF4 base, bitsandbytes on this CPU) and full fine-tuning on the real model."""
+    project = copy_project(smollm2_base, tmp_path)
+    stdout, metrics = repro_with(project, f"method={method}", *extra)
+    assert "Running stage 'tokenize'" not in stdout and "Running stage 'train'" in stdout, method
+    assert metrics["tuned"]["loss"] < metrics["base"]["loss"], (method, metrics)
+    provenance = json.loads((project / "models/adapter/provenance.json").read_text())
+    assert provenance["config"]["method"]["name"] == method and provenance["metrics"]["memory/peak_rss_mb"] > 0
+    counts = provenance["parameters"]
+    assert (counts["trainable"] == counts["total"]) == (method == "full")
+
+
+@pytest.mark.parametrize("preset", MORE_FORMATS)
+def test_smollm2_lowers_test_loss_for_the_other_main_data_formats(smollm2_base, tmp_path: Path, preset):
+    project = copy_project(smollm2_base, tmp_path)
+    stdout, metrics = repro_with(project, f"data={preset}")
+    assert "Running stage 'base'" not in stdout and "Running stage 'train'" in stdout, preset
+    assert metrics["tuned"]["loss"] < metrics["base"]["loss"], (preset, metrics)
+    assert "## Rows per source and split" in (project / "reports/data_report.md").read_text()
 
 
 def test_smollm2_two_by_two_sweep_from_a_fresh_clone(tmp_path: Path):

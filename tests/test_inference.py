@@ -7,9 +7,13 @@ import pytest
 from conftest import SLMTUNE, Terminal, run
 
 
-@pytest.mark.parametrize("leave", ["\x04", "\x03"], ids=["ctrl-d", "ctrl-c"])
-def test_chat_in_a_terminal_answers_keeps_history_and_leaves_cleanly(trained, leave):
-    terminal = Terminal(trained, "--max-new-tokens", "6")
+@pytest.mark.parametrize(
+    ("leave", "sigint"),
+    [("\x04", "default"), ("\x03", "default"), ("\x03", "ignored")],
+    ids=["ctrl-d", "ctrl-c", "ctrl-c-started-with-sigint-ignored"],
+)
+def test_chat_in_a_terminal_answers_keeps_history_and_leaves_cleanly(trained, leave, sigint):
+    terminal = Terminal(trained, "--max-new-tokens", "6", sigint=sigint)
     terminal.read_until("you> ")
     terminal.type("What is the capital of France?\r")
     first = terminal.read_until("you> ")

@@ -5,6 +5,7 @@ to the pipeline's latest adapter."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -93,7 +94,9 @@ def chat(
     stdout: TextIO = sys.stdout,
 ) -> int:
     """Read a question per line, stream the answer token by token, keep the conversation as history.
-    Ctrl-D (end of input) or Ctrl-C leaves cleanly; `/reset` clears the history."""
+    Ctrl-D (end of input) or Ctrl-C leaves cleanly; `/reset` clears the history. Ctrl-C works however the
+    command was started: a shell that ignores SIGINT (nohup, some service managers) passes that on."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     model, tokenizer, data = load(config, adapter_spec)
     set_seed(config.train.seed)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
