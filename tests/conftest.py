@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ TINY_OVERRIDES = [
 ]
 
 
-PIPELINE_FIXTURES = {"tiny_project", "trained", "tokenized"}
+PIPELINE_FIXTURES = {"tiny_project", "tiny_trained", "trained", "tokenized"}
 """Fixtures that run the real pipeline: a test using one is marked `pipeline` (left out by `make test-fast`)."""
 
 
@@ -238,6 +239,27 @@ def hub_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     return cache
+
+
+@dataclass
+class Reproduced:
+    """A project the real `dvc repro` ran through, twice: what it printed each time."""
+
+    project: Path
+    first: str
+    second: str
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory, tiny_model_dir) -> Reproduced:
+    """The default project (company_kb) on the tiny Llama, through every stage by `dvc repro`, then `dvc repro`
+    again; shared by the tests that read a trained project (those that change it `copy_project` it first)."""
+    project = make_project(
+        tmp_path_factory.mktemp("tiny-trained") / "project",
+        [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES],
+    )
+    first = run(["dvc", "repro"], project).stdout
+    return Reproduced(project, first, run(["dvc", "repro"], project).stdout)
 
 
 @pytest.fixture(scope="session")

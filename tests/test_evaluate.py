@@ -3,7 +3,6 @@ batched generation, every metric per category, merge parity, the quality gate, a
 
 import json
 import subprocess
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -160,8 +159,9 @@ def test_gate_metric_must_exist_for_the_task(tmp_path):
     assert "eval.gate_metric must be one of loss, perplexity, bleu, rouge1, rouge2, rougeL" in result.stderr
 
 
-def test_changing_only_evaluation_settings_logs_a_run_of_its_own(tiny_project: Path):
-    run(["dvc", "repro"], tiny_project)
+def test_changing_only_evaluation_settings_logs_a_run_of_its_own(tiny_trained, tmp_path):
+    """Evaluation settings are params of evaluate alone: changing one reruns evaluate (and report), not train."""
+    tiny_project = copy_project(tiny_trained.project, tmp_path)
     provenance = json.loads((tiny_project / "models/adapter/provenance.json").read_text())
     first = json.loads((tiny_project / "reports/metrics.json").read_text())
     assert first["mlflow_run_id"] == provenance["mlflow"]["run_id"]
@@ -170,6 +170,7 @@ def test_changing_only_evaluation_settings_logs_a_run_of_its_own(tiny_project: P
     params.write_text(params.read_text().replace("max_new_tokens: 8", "max_new_tokens: 4"))
     result = run(["dvc", "repro"], tiny_project)
     assert "Running stage 'train'" not in result.stdout and "Running stage 'evaluate'" in result.stdout
+    assert "Running stage 'report'" in result.stdout and "Running stage 'tokenize'" not in result.stdout
     second = json.loads((tiny_project / "reports/metrics.json").read_text())
     assert second["mlflow_run_id"] != first["mlflow_run_id"]
     mlflow.set_tracking_uri(f"sqlite:///{tiny_project / 'mlflow.db'}")

@@ -2,12 +2,11 @@
 stage imports."""
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, STAGES, imported_code, run
+from conftest import REPO, STAGES, copy_project, imported_code, run
 from slmtune.lineage import check_lineage, dvc_md5, git_state, project_root, stage_code_deps
 
 
@@ -117,8 +116,8 @@ def test_import_closure_follows_relative_imports_inside_functions(tmp_path):
     ]
 
 
-def test_lineage_command_matches_a_fresh_adapter_and_flags_one_changed_byte(tiny_project: Path):
-    run(["dvc", "repro"], tiny_project)
+def test_lineage_command_matches_a_fresh_adapter_and_flags_one_changed_byte(tiny_trained, tmp_path):
+    tiny_project = copy_project(tiny_trained.project, tmp_path)
     result = run(["slmtune", "lineage", "models/adapter"], tiny_project)
     assert result.stdout.rstrip().endswith("lineage: MATCH")
     assert "MATCH      input source/company_kb" in result.stdout and "MATCH      code stages/train.py" in result.stdout

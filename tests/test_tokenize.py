@@ -2,7 +2,6 @@
 length limits, and the data report."""
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -214,8 +213,8 @@ def test_length_stats_count_trained_share_and_truncation():
     assert stats["truncated"] == 1 and stats["length"]["max"] == 6 and stats["length"]["min"] == 4
 
 
-def test_data_report_counts_rows_tokens_and_drops(tiny_project: Path):
-    run(["dvc", "repro", "tokenize"], tiny_project)
+def test_data_report_counts_rows_tokens_and_drops(tiny_trained):
+    tiny_project = tiny_trained.project
     report = (tiny_project / "reports/data_report.md").read_text()
     rows = data_report_rows(tiny_project)
     for heading in ("## Rows per source and split", "## Token lengths per split", "## Dropped rows"):

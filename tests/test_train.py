@@ -90,20 +90,20 @@ def test_same_seed_gives_identical_adapter_weights(tiny_model_dir, tiny_tokenize
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_adapter_is_a_standard_peft_adapter(tiny_project: Path, tiny_model_dir):
+def test_adapter_is_a_standard_peft_adapter(tiny_trained, tiny_model_dir):
     from peft import PeftModel
 
     from slmtune.modeling import load_model
 
-    run(["dvc", "repro", "train"], tiny_project)
+    tiny_project = tiny_trained.project
     model = PeftModel.from_pretrained(load_model(tiny_model_dir), tiny_project / "models/adapter")
     assert any("lora_A" in name for name, _ in model.named_parameters())
     steps = (tiny_project / "reports/train_log.csv").read_text().splitlines()
     assert steps[0] == "step,loss,learning_rate" and len(steps) == 1 + 6
 
 
-def test_same_inputs_give_identical_adapter_bytes(tiny_project: Path):
-    run(["dvc", "repro", "train"], tiny_project)
+def test_same_inputs_give_identical_adapter_bytes(tiny_trained, tmp_path):
+    tiny_project = copy_project(tiny_trained.project, tmp_path)
     adapter = tiny_project / "models/adapter"
     files = ("adapter_model.safetensors", "adapter_config.json")
     first = {name: file_md5(adapter / name) for name in files} | {
