@@ -2,6 +2,7 @@
 batched generation, every metric per category, merge parity, the quality gate, and its MLflow runs."""
 
 import json
+import math
 import subprocess
 
 import mlflow
@@ -41,6 +42,22 @@ def test_bleu_matches_nltk_corpus_bleu_and_is_one_for_identical_text():
     assert same["bleu"] == pytest.approx(1.0) and same["bleu_per_example"] == pytest.approx([1.0] * 3)
 
 
+def test_bleu_brevity_penalty_of_short_answers_matches_nltk_and_the_formula():
+    """Predictions shorter than their references: the brevity penalty exp(1 - r/c) is below 1 and counts."""
+    from nltk.translate.bleu_score import corpus_bleu
+
+    from slmtune.metrics.bleu.bleu import tokenize
+
+    predictions = ["the cat sat on the mat", "staff get 27 days of leave"]
+    references = ["the cat sat on the red mat in the hall", "all staff get 27 days of paid annual leave"]
+    ours = load_metric("bleu").compute(predictions=predictions, references=references)
+    theirs = corpus_bleu([[tokenize(r)] for r in references], [tokenize(p) for p in predictions])
+    c, r = 12, 19  # words in the predictions and in the references
+    assert ours["length_ratio"] == pytest.approx(c / r)
+    assert ours["brevity_penalty"] == pytest.approx(math.exp(1 - r / c))
+    assert ours["bleu"] == pytest.approx(theirs, rel=1e-9) and ours["bleu"] < 0.5
+
+
 def test_rouge_exact_match_and_token_f1_on_known_cases():
     rouge = load_metric("rouge").compute(predictions=["the cat sat"], references=["the cat sat down"])
     assert rouge["rouge1"] == pytest.approx(2 * 1 * 0.75 / 1.75)  # P 3/3, R 3/4
@@ -50,6 +67,39 @@ def test_rouge_exact_match_and_token_f1_on_known_cases():
     )
     assert match["exact_match_per_example"] == [1.0, 0.0, 0.0]
     assert match["token_f1_per_example"] == pytest.approx([1.0, 2 * (2 / 3) * (2 / 3) / (4 / 3), 0.0])
+
+
+def test_rouge_l_is_the_longest_common_subsequence_and_words_are_stemmed():
+    rouge = load_metric("rouge").compute(
+        predictions=["the cat was found under the bed", "cats running quickly"],
+        references=["the cat was under the bed", "cat runs quickly"],
+    )
+    # LCS "the cat was under the bed": P 6/7, R 6/6; bigram overlap 4 of 6 and 4 of 5
+    assert rouge["rougeL_per_example"][0] == pytest.approx(2 * (6 / 7) / (6 / 7 + 1))
+    assert rouge["rouge2_per_example"][0] == pytest.approx(2 * (4 / 6) * (4 / 5) / (4 / 6 + 4 / 5))
+    # Porter stemming: cats -> cat, running and runs -> run
+    assert rouge["rouge1_per_example"][1] == pytest.approx(1.0)
+    assert rouge["rougeL"] == pytest.approx((2 * (6 / 7) / (6 / 7 + 1) + 1.0) / 2)
+
+
+def test_contains_match_normalises_case_and_punctuation_only():
+    result = load_metric("contains_match").compute(
+        predictions=["Staff get 27 Days, paid.", "They get 27-day leave", "twenty seven days", "27 days"],
+        references=["27 days", "27 days", "27 days", "Staff get 27 days of leave"],
+    )
+    assert result["contains_per_example"] == [1, 0, 0, 0] and result["contains"] == 0.25
+
+
+def test_classification_accuracy_and_macro_f1_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    references = ["billing", "billing", "bug", "refund", "bug", "billing", "spam"]
+    predictions = ["billing", "bug", "bug", "bug", "refund", "billing", "billing"]
+    ours = load_metric("classification").compute(predictions=predictions, references=references)
+    # billing: P 2/3 R 2/3; bug: P 1/3 R 1/2 -> 0.4; refund: P 0; spam: never predicted -> 0
+    assert ours["f1"] == pytest.approx((2 / 3 + 0.4 + 0.0 + 0.0) / 4)
+    assert ours["f1"] == pytest.approx(f1_score(references, predictions, average="macro"))
+    assert ours["accuracy"] == pytest.approx(accuracy_score(references, predictions)) == pytest.approx(3 / 7)
 
 
 def test_response_loss_matches_the_models_own_loss(tiny_model_dir, tiny_tokenizer, records):
