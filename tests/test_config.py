@@ -23,6 +23,13 @@ def test_params_yaml_is_the_composition_of_conf(tmp_path):
     assert (REPO / "params.yaml").read_text() == fresh, "params.yaml is stale: run `slmtune params`"
 
 
+def holds(composed, own) -> bool:
+    """Every value of `own` (nested) is in `composed`; `composed` may add schema defaults."""
+    if isinstance(own, dict):
+        return isinstance(composed, dict) and all(k in composed and holds(composed[k], v) for k, v in own.items())
+    return composed == own
+
+
 @pytest.mark.parametrize(
     "group,option",
     [(g, f.stem) for g in GROUPS for f in sorted((REPO / "conf" / g).glob("*.yaml"))],
@@ -31,7 +38,10 @@ def test_every_shipped_option_composes_and_validates(tmp_path, group, option):
     # classification needs labelled data and labelled data a classifier: such options go in pairs
     partner = {("model", "distilbert"): ["data=sentiment"], ("data", "sentiment"): ["model.task=classification"]}
     config = compose_params(REPO, tmp_path / "params.yaml", [f"{group}={option}", *partner.get((group, option), [])])
-    assert isinstance(config, Config)
+    composed = config_to_dict(config)[group]
+    own = yaml.safe_load((REPO / "conf" / group / f"{option}.yaml").read_text())
+    own.pop("defaults", None)
+    assert holds(composed, own), (group, option)  # what the option file says is what the config holds
 
 
 def test_every_conf_file_is_covered_by_a_group():

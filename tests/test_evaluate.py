@@ -4,6 +4,7 @@ batched generation, every metric per category, merge parity, the quality gate, a
 import json
 import math
 import subprocess
+import sys
 
 import mlflow
 import pytest
@@ -156,18 +157,19 @@ def test_evaluation_has_every_metric_per_category_and_the_merge_parity(trained):
 def test_quality_gate_fails_the_evaluate_stage_and_writes_nothing(trained, tmp_path, tiny_model_dir):
     project = copy_project(trained, tmp_path)
     base = [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES, "data=dolly"]
-    before = (project / "reports/metrics.json").read_bytes()
+    before = {name: (project / "reports" / name).read_bytes() for name in ("metrics.json", "generations.jsonl")}
     # Full fine-tuning at a learning rate of 1 wrecks the model: its test loss rises far above the base's.
     compose_params(
         project, project / "params.yaml", [*base, "method=full", "train.learning_rate=1.0", "eval.gate_metric=loss"]
     )
-    failed = run(["dvc", "repro", "evaluate"], project, check=False)
-    assert failed.returncode != 0
+    run(["dvc", "repro", "train"], project)
+    # The stage itself, not `dvc repro` (which deletes a stage's outputs before running it): the previous
+    # metrics and answers must survive a failed gate byte for byte.
+    failed = run([sys.executable, "-P", "stages/evaluate.py"], project, check=False)
+    assert failed.returncode == 1
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "quality gate failed: tuned loss" in errors[0] and "eval.gate_max_drop=0.0" in errors[0]
-    # DVC removes a stage's old outputs before running it; the stage itself leaves no new or partial file
-    metrics_file = project / "reports/metrics.json"
-    assert not metrics_file.exists() or metrics_file.read_bytes() == before
+    assert {name: (project / "reports" / name).read_bytes() for name in before} == before
     assert not list((project / "reports").glob(".*.tmp"))
     # The trained adapter of the fixture lowers the loss a little: the gate passes and the report says so.
     compose_params(

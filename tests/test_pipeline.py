@@ -3,6 +3,7 @@ every data format end to end, and outputs that appear all together or not at all
 
 import json
 import os
+from collections import Counter
 
 import mlflow
 import pytest
@@ -101,9 +102,10 @@ def test_every_data_format_trains_through_dvc_repro(tmp_path, tiny_model_dir, pr
     )
     assert_trained_through_every_stage(project)
     stats = json.loads((project / "reports/data_stats.json").read_text())
-    assert stats["dropped"] == {} and set(stats["sources"]) == set(
-        yaml.safe_load((project / "params.yaml").read_text())["data"]["sources"]
-    )
+    configured = yaml.safe_load((project / "params.yaml").read_text())["data"]["sources"]
+    origins = Counter(json.loads(line)["origin"] for line in (project / "data/prepared/train.jsonl").open())
+    assert stats["dropped"] == {} and set(origins) == set(configured), origins  # every source reached training
+    assert dict(origins) == stats["rows_by_source"]["train"] and all(n > 0 for n in origins.values())
 
 
 @pytest.mark.pipeline
