@@ -30,7 +30,9 @@ def test_merge_by_mlflow_run_id_and_refuses_a_missing_adapter(trained, tmp_path)
 
 
 def test_gguf_export_round_trips_through_transformers(trained, tmp_path):
+    import torch
     from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
 
     merged = tmp_path / "merged"
     run([*SLMTUNE, "merge", "-o", str(merged)], trained)
@@ -41,6 +43,14 @@ def test_gguf_export_round_trips_through_transformers(trained, tmp_path):
     f16, q8 = files
     assert f16["ok"] and f16["relative_difference"] < 0.01 and f16["tokenizer_identical"]
     assert q8["ok"] and q8["bytes"] < f16["bytes"]
+    assert f16["weights_relative_error"] < 1e-3 and q8["weights_relative_error"] < 2e-2
+    # Independently of the exporter's own check: every tensor transformers reads back from the F16 file is the
+    # merged model's, to F16 rounding (the tiny model's loss cannot tell a wrong q/k permutation apart)
+    reference = AutoModelForCausalLM.from_pretrained(merged).state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(output, gguf_file="model-f16.gguf").state_dict()
+    assert loaded.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=2e-3, atol=1e-3 * float(tensor.abs().max()), msg=name)
     reader = GGUFReader(output / "model-q8_0.gguf")
     assert reader.fields["general.architecture"].contents() == "llama"
     assert {t.tensor_type.name for t in reader.tensors} == {"Q8_0", "F32"}

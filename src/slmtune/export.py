@@ -4,6 +4,7 @@ parity check, and export GGUF files (F16, Q8_0) for llama.cpp and Ollama with a 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ EXPORT_FILE = "export.json"
 GGUF_TYPES = ("f16", "q8_0")
 GGUF_TOLERANCE = {"f16": 0.01, "q8_0": 0.02}
 """Largest relative test-loss difference of a GGUF file (loaded back by transformers) from the merged model."""
+GGUF_WEIGHT_TOLERANCE = {"f16": 1e-3, "q8_0": 2e-2}
+"""Largest relative error ||loaded - merged|| / ||merged|| of any tensor of a GGUF file loaded back by transformers:
+f16 rounding gives ~3e-4, Q8_0 ~5e-3; a misplaced row or head (a wrong q/k permutation) gives ~1."""
 GGUF_ARCHITECTURES = ("llama",)
 """Model types the GGUF writer maps (Llama, Llama 3.2 without rope scaling, TinyLlama, SmolLM2)."""
 
@@ -245,6 +249,7 @@ def round_trip(
     )
     relative = abs(loss - reference_loss) / reference_loss
     kind = file_name.rsplit("-", 1)[-1].removesuffix(".gguf")
+    weight_error, worst = weights_relative_error(loaded, model)
     return {
         "file": file_name,
         "bytes": (gguf_dir / file_name).stat().st_size,
@@ -252,9 +257,29 @@ def round_trip(
         "merged_test_loss": reference_loss,
         "relative_difference": relative,
         "tolerance": GGUF_TOLERANCE[kind],
+        "weights_relative_error": weight_error,
+        "worst_tensor": worst,
+        "weights_tolerance": GGUF_WEIGHT_TOLERANCE[kind],
         "tokenizer_identical": same_ids,
-        "ok": relative <= GGUF_TOLERANCE[kind] and same_ids,
+        "ok": relative <= GGUF_TOLERANCE[kind] and weight_error <= GGUF_WEIGHT_TOLERANCE[kind] and same_ids,
     }
+
+
+@torch.no_grad()
+def weights_relative_error(loaded: Any, reference: Any) -> tuple[float, str]:
+    """The largest ||loaded - reference|| / ||reference|| over the reference's tensors, and that tensor's name.
+    The test loss alone cannot see a wrong layout on a small or untrained model, whose loss barely depends on
+    its attention; the dequantised weights can."""
+    theirs = loaded.state_dict()
+    worst, name = 0.0, ""
+    for key, tensor in reference.state_dict().items():
+        if key not in theirs:
+            return math.inf, key
+        ours = tensor.float()
+        error = float((theirs[key].float() - ours).norm() / ours.norm().clamp_min(1e-12))
+        if error > worst:
+            worst, name = error, key
+    return worst, name
 
 
 def export_gguf(config: Config, model_spec: str | None, output: str | Path, types: list[str]) -> list[dict[str, Any]]:
@@ -282,7 +307,8 @@ def export_gguf(config: Config, model_spec: str | None, output: str | Path, type
             print(
                 f"{file_name}: {result['bytes'] / 2**20:.1f} MiB, test loss {result['test_loss']:.6f} vs merged "
                 f"{reference:.6f} ({100 * result['relative_difference']:.3f}%, tolerance "
-                f"{100 * result['tolerance']:.0f}%), "
+                f"{100 * result['tolerance']:.0f}%), weights within {result['weights_relative_error']:.1e} "
+                f"(tolerance {result['weights_tolerance']:.0e}, worst {result['worst_tensor']}), "
                 f"tokenizer {'identical' if result['tokenizer_identical'] else 'DIFFERENT'}: "
                 f"{'PASS' if result['ok'] else 'FAIL'}",
                 flush=True,
