@@ -1,13 +1,17 @@
 """`slmtune merge` (a standalone model, parity-checked) and `slmtune export` (GGUF, loaded back and compared)."""
 
 import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from conftest import SLMTUNE, run
 
 
 def test_merge_saves_a_standalone_model_with_parity(trained, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     output = tmp_path / "merged"
     result = run([*SLMTUNE, "merge", "-o", str(output)], trained)
     assert "merge parity: PASS" in result.stdout
@@ -16,6 +20,45 @@ def test_merge_saves_a_standalone_model_with_parity(trained, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(output)  # plain transformers, no peft
     assert type(model).__name__ == "LlamaForCausalLM" and (output / "tokenizer.json").is_file()
     assert json.loads((output / "provenance.json").read_text())["mlflow"]["run_id"]
+    # The merged weights are the base's plus scale * B @ A of the saved adapter, worked out here from the files
+    # (parity alone cannot see a dropped adapter when the adapter moves the loss by less than the tolerance)
+    base = load_file(trained / "models/base/model.safetensors")
+    merged = load_file(output / "model.safetensors")
+    adapter = load_file(trained / "models/adapter/adapter_model.safetensors")
+    settings = json.loads((trained / "models/adapter/adapter_config.json").read_text())
+    scale = settings["lora_alpha"] / (math.sqrt(settings["r"]) if settings["use_rslora"] else settings["r"])
+    lora_a = [key for key in adapter if key.endswith(".lora_A.weight")]
+    assert len(lora_a) == 7 * 2  # every projection of both layers
+    for key in lora_a:
+        weight = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
+        delta = scale * adapter[key.replace("lora_A", "lora_B")] @ adapter[key]
+        assert float(delta.abs().max()) > 1e-3, key  # the adapter did learn something here
+        torch.testing.assert_close(merged[weight], base[weight] + delta, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(merged[k], t) for k, t in base.items() if k not in {w for w in merged if "proj" in w})
+
+
+def test_merge_whose_parity_fails_writes_nothing(trained, tmp_path, monkeypatch):
+    """A merged model that does not reload to the same answers (here: its saved weights come back perturbed)
+    stops `merge` with the figures and leaves no folder behind."""
+    from slmtune import export
+    from slmtune.config import load_config
+    from slmtune.errors import ExportError
+
+    class Perturbed:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            model = AutoModelForCausalLM.from_pretrained(*args, **kwargs)
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.mul_(1.05)
+            return model
+
+    monkeypatch.chdir(trained)
+    monkeypatch.setattr(export, "AutoModelForCausalLM", Perturbed)
+    output = tmp_path / "merged"
+    with pytest.raises(ExportError, match=r"merge parity failed .*nothing written to"):
+        export.merge_adapter(load_config("params.yaml"), None, output)
+    assert not output.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_merge_by_mlflow_run_id_and_refuses_a_missing_adapter(trained, tmp_path):
@@ -30,9 +73,7 @@ def test_merge_by_mlflow_run_id_and_refuses_a_missing_adapter(trained, tmp_path)
 
 
 def test_gguf_export_round_trips_through_transformers(trained, tmp_path):
-    import torch
     from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM
 
     merged = tmp_path / "merged"
     run([*SLMTUNE, "merge", "-o", str(merged)], trained)
