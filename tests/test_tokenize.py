@@ -10,9 +10,12 @@ from hypothesis import strategies as st
 
 from conftest import bad_data_project, data_report_rows, run
 from slmtune.config import DataConfig
+from slmtune.data import Issues
+from slmtune.formats import DataError
 from slmtune.prompting import (
     IGNORE_INDEX,
     Example,
+    SpecialTokenInText,
     TokenizationError,
     TooLong,
     build_example,
@@ -20,6 +23,7 @@ from slmtune.prompting import (
     fit_length,
     generation_prompt,
     length_stats,
+    tokenize_split,
 )
 
 CUSTOM = (
@@ -151,11 +155,34 @@ def test_chat_template_required_for_chat():
         build_example(TWO_TURNS, data("chat"), NoTemplate())
 
 
-text = (
-    st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=20)
-    .map(str.strip)
-    .filter(bool)
+# What breaks masks: newlines and control characters, other templates' markers and this one's special tokens
+# spelled out in the text, long texts, empty optional inputs. Contents arrive stripped and non-empty (prepare).
+MARKERS = [
+    "\n",
+    "\n\n",
+    "\t",
+    "\r\n",
+    "\x00",
+    "\x1b[0m",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|assistant|>",
+    "<|user|>",
+    "### Response:\n",
+    "### Instruction:",
+    "[assistant] ",
+    "[INST]",
+    "</s>",
+    "assistant\n",
+    " ",
+]
+piece = st.one_of(
+    st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40),
+    st.sampled_from(MARKERS),
+    st.text("abc .,\n", min_size=100, max_size=400),
 )
+text = st.lists(piece, min_size=1, max_size=8).map(lambda parts: "".join(parts).strip()).filter(bool)
 
 
 @st.composite
@@ -164,16 +191,21 @@ def conversations(draw):
     for _ in range(draw(st.integers(1, 3))):
         user = {"role": "user", "content": draw(text)}
         if draw(st.booleans()):
-            user["input"] = draw(text)
+            user["input"] = draw(st.one_of(st.just(""), text))
         turns += [user, {"role": "assistant", "content": draw(text)}]
     return {"source": "h:1", "messages": turns}
 
 
 @pytest.mark.parametrize("template", list(EXPECTED))
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(record=conversations())
 def test_random_conversations_train_exactly_the_answers(tiny_tokenizer, template, record):
-    example = build_example(record, data(template, max_length=4096), tiny_tokenizer)
+    texts = [turn.get(field, "") for turn in record["messages"] for field in ("content", "input")]
+    if any(token in text for text in texts for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")):
+        with pytest.raises(SpecialTokenInText, match=r"^h:1: the \w+ turn's \w+ contains '<\|"):
+            build_example(record, data(template, max_length=1 << 20), tiny_tokenizer)
+        return
+    example = build_example(record, data(template, max_length=1 << 20), tiny_tokenizer)
     trained = [t for t, is_trained in spans(example, tiny_tokenizer) if is_trained]
     answers = [t["content"] for t in record["messages"] if t["role"] == "assistant"]
     end = {"chat": "<|im_end|>\n", "custom": "\n<|im_end|>"}.get(template, "<|im_end|>")
@@ -182,6 +214,19 @@ def test_random_conversations_train_exactly_the_answers(tiny_tokenizer, template
     for turn in record["messages"]:
         if turn["role"] != "assistant":
             assert turn["content"] in prompt and turn.get("input", "") in prompt
+
+
+def test_a_special_token_spelled_in_a_row_fails_it_or_is_skipped_and_counted(tiny_tokenizer):
+    bad = {
+        "source": "kb.csv:4",
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Bye<|im_end|> then more"}],
+    }
+    with pytest.raises(DataError, match=r"^kb\.csv:4: the assistant turn's content contains '<\|im_end\|>'.*Fix the"):
+        tokenize_split([TWO_TURNS, bad], data("alpaca"), tiny_tokenizer, Issues("fail"))
+    issues = Issues("skip")
+    examples = tokenize_split([TWO_TURNS, bad], data("alpaca"), tiny_tokenizer, issues)
+    assert [e.source for e in examples] == ["chat.jsonl:1"]
+    assert issues.stats()["dropped"] == {"special token in text": 1}
 
 
 def test_raw_text_is_chunked_to_max_length_and_fully_trained(tiny_tokenizer):

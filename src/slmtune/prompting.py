@@ -30,8 +30,41 @@ TEXT_PROMPT_TOKENS = 32
 """Raw text in evaluation: the model continues the first tokens (at most this many, at most half)."""
 
 
-class TooLong(Exception):
+class BadExample(Exception):
+    """A row that cannot become a correct example; `reason` is how `data.on_invalid` counts it."""
+
+    reason = "bad example"
+
+
+class TooLong(BadExample):
     """An example longer than max_length while truncation is off."""
+
+    reason = "too long"
+
+
+class SpecialTokenInText(BadExample):
+    """A turn whose text spells one of the tokenizer's special tokens: it would be read as that control token
+    (an end of turn in the middle of an answer, a fake new turn), so the masks would no longer mean what they say."""
+
+    reason = "special token in text"
+
+
+def special_tokens(tokenizer: Any) -> list[str]:
+    """The strings the tokenizer turns into special tokens (BOS/EOS/PAD, chat markers such as <|im_end|>)."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
+    return sorted({*tokenizer.all_special_tokens, *added} - {""}, key=len, reverse=True)
+
+
+def check_special_tokens(record: dict[str, Any], tokenizer: Any) -> None:
+    specials = special_tokens(tokenizer)
+    for turn in record["messages"]:
+        for field in ("content", "input"):
+            found = next((token for token in specials if token in turn.get(field, "")), None)
+            if found:
+                raise SpecialTokenInText(
+                    f"{record['source']}: the {turn['role']} turn's {field} contains {found!r}, a special token of "
+                    "the tokenizer: it would be read as that control token, not as text."
+                )
 
 
 @dataclass
@@ -156,9 +189,11 @@ def encode_pieces(pieces: list[tuple[str, bool]], data: Any, tokenizer: Any) -> 
 
 def build_example(record: dict[str, Any], data: Any, tokenizer: Any) -> Example:
     """A conversation as ids and labels (IGNORE_INDEX except on assistant turns, unless train_on_prompt)."""
+    pieces = conversation_pieces(record, data, tokenizer)
+    check_special_tokens(record, tokenizer)
     input_ids: list[int] = []
     labels: list[int] = []
-    for ids, trained in encode_pieces(conversation_pieces(record, data, tokenizer), data, tokenizer):
+    for ids, trained in encode_pieces(pieces, data, tokenizer):
         input_ids += ids
         labels += ids if trained or data.train_on_prompt else [IGNORE_INDEX] * len(ids)
     return fit_length(Example(input_ids, labels, False, record["source"]), data.max_length, data.truncate)
@@ -259,16 +294,16 @@ def classification_examples(
 
 
 def tokenize_split(records: list[dict[str, Any]], data: Any, tokenizer: Any, issues: Any) -> list[Example]:
-    """Conversations one by one (too-long ones go to `issues`), then the split's raw text in chunks."""
-    examples, too_long = [], []
+    """Conversations one by one (too-long ones and bad ones go to `issues`), then the split's raw text in chunks."""
+    examples, bad = [], []
     for record in records:
         if "text" in record:
             continue
         try:
             examples.append(build_example(record, data, tokenizer))
-        except TooLong as exc:
-            too_long.append(Problem(record["source"], "too long", str(exc)))
-    issues.add(too_long)
+        except BadExample as exc:
+            bad.append(Problem(record["source"], exc.reason, str(exc)))
+    issues.add(bad)
     texts = [r for r in records if "text" in r]
     return examples + (chunk_texts(texts, tokenizer, data.max_length) if texts else [])
 
