@@ -114,6 +114,21 @@ class Terminal:
     def type(self, text: str) -> None:
         os.write(self.fd, text.encode())
 
+    def answer_pieces(self) -> list[str]:
+        """The last answer as it arrived, one entry per read that carried some of it: the text after the last
+        'model> ' and before the next 'you> ' (the terminal's echo of the question comes before 'model> ')."""
+        starts = [i for i, (_, chunk) in enumerate(self.chunks) if "model> " in chunk]
+        if not starts:
+            return []
+        pieces = [self.chunks[starts[-1]][1].rsplit("model> ", 1)[1]]
+        pieces += [chunk for _, chunk in self.chunks[starts[-1] + 1 :]]
+        answer = []
+        for piece in pieces:
+            answer.append(piece.split("you> ", 1)[0])
+            if "you> " in piece:
+                break
+        return [piece for piece in answer if piece.strip()]
+
     def exit_status(self, timeout: float = 30) -> int:
         """The chat's exit code; it is killed and the test fails when it has not exited within `timeout`
         (reads wait at most 0.1 s, so the deadline fires even when the chat prints nothing)."""

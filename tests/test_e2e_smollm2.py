@@ -56,7 +56,7 @@ def test_smollm2_default_pipeline_lowers_test_loss_then_merges_exports_and_chats
     terminal.type("How many days of paid annual leave do Lumora Systems employees get?\r")
     answer = terminal.read_until("you> ", timeout=300)
     text = answer.split("model> ", 1)[1].rsplit("you> ", 1)[0].strip()
-    streamed = [c for _, c in terminal.chunks if c.strip() and "you> " not in c and "model> " not in c]
+    streamed = terminal.answer_pieces()
     assert text and len(streamed) >= 2, terminal.chunks  # the answer arrived in pieces, not at the end
     terminal.type("\x04")
     assert terminal.exit_status() == 0 and "Traceback" not in terminal.seen
