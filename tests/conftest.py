@@ -362,6 +362,8 @@ def splits_for(records, tokenizer, n_train=16, n_val=4):
     def to_ds(part):
         return Dataset.from_dict({"input_ids": [e.input_ids for e in part], "labels": [e.labels for e in part]})
 
+    if not n_val:
+        return DatasetDict(train=to_ds(examples))
     return DatasetDict(train=to_ds(examples[:n_train]), val=to_ds(examples[n_train:]))
 
 

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -15,9 +16,18 @@ from slmtune.tracking import ADAPTER_RUN_TAG, evaluation_run, open_store, pipeli
 
 WORKER = """
 import sys
+import time
+from pathlib import Path
+
 import mlflow
 from slmtune.config import TrackingConfig
 from slmtune.tracking import mlflow_run
+
+Path(f"ready-{sys.argv[1]}").touch()  # imported; now wait at the barrier so that all four open the store at once
+deadline = time.monotonic() + 120
+while not Path("go").exists():
+    assert time.monotonic() < deadline, "no go from the test"
+    time.sleep(0.005)
 with mlflow_run(TrackingConfig(log_system_metrics=False), run_name=sys.argv[1]):
     for step in range(100):
         mlflow.log_metric("m", step, step=step)
@@ -32,7 +42,13 @@ def test_parallel_workers_create_and_share_one_sqlite_store(tmp_path: Path):
         )
         for i in range(4)
     ]
-    errors = [w.communicate()[1] for w in workers]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 4:  # a barrier: none touches the store before all are ready
+        assert time.monotonic() < deadline and all(w.poll() is None for w in workers), "workers did not get ready"
+        time.sleep(0.01)
+    assert not (tmp_path / "mlflow.db").exists()
+    (tmp_path / "go").touch()
+    errors = [w.communicate(timeout=300)[1] for w in workers]
     assert [w.returncode for w in workers] == [0] * 4, "\n".join(errors)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["slmtune"], output_format="list")

@@ -90,6 +90,50 @@ def test_same_seed_gives_identical_adapter_weights(tiny_model_dir, tiny_tokenize
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+def train_steps(tiny_model_dir, tiny_tokenizer, records, tmp_path, steps, hook=None, **train):
+    """Train a fresh LoRA tiny Llama for `steps` optimizer steps (no dropout, no warm-up, one batch order);
+    return its trainable weights."""
+    config = tiny_config(max_steps=steps, group_by_length=False, **train)
+    config.method.dropout = 0.0
+    model = lora_model(load_model(tiny_model_dir), config)
+    if hook:
+        # a pre-hook inside the checkpointed forward (a recomputation stops early, before the MLP's forward ends)
+        model.base_model.model.model.layers[0].mlp.register_forward_pre_hook(hook)
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log_system_metrics=False)
+    with mlflow_run(tracking):
+        fit(config, model, tiny_tokenizer, splits_for(records, tiny_tokenizer, n_val=0), StepLog())
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def test_gradient_accumulation_trains_like_the_larger_batch(tiny_model_dir, tiny_tokenizer, records, tmp_path):
+    accumulated = train_steps(
+        tiny_model_dir, tiny_tokenizer, records, tmp_path, 2, batch_size=2, gradient_accumulation_steps=2
+    )
+    larger = train_steps(tiny_model_dir, tiny_tokenizer, records, tmp_path, 2, batch_size=4)
+    smaller = train_steps(tiny_model_dir, tiny_tokenizer, records, tmp_path, 2, batch_size=2)
+    for name, weight in larger.items():
+        torch.testing.assert_close(accumulated[name], weight, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(not torch.allclose(smaller[name], weight, atol=1e-6) for name, weight in larger.items())
+
+
+def test_gradient_checkpointing_recomputes_each_layer_in_the_backward_pass(
+    tiny_model_dir, tiny_tokenizer, records, tmp_path
+):
+    def counting(calls):
+        def hook(module, args):
+            calls.append(torch._C._current_graph_task_id() != -1)  # whether this forward runs inside a backward
+
+        return hook
+
+    plain, checkpointed = [], []
+    train_steps(tiny_model_dir, tiny_tokenizer, records, tmp_path, 2, hook=counting(plain))
+    train_steps(
+        tiny_model_dir, tiny_tokenizer, records, tmp_path, 2, hook=counting(checkpointed), gradient_checkpointing=True
+    )
+    assert plain == [False, False]  # one forward of the first layer's MLP per step
+    assert checkpointed == [False, True] * 2  # and one more in each backward pass, recomputing what was not kept
+
+
 def test_adapter_is_a_standard_peft_adapter(tiny_trained, tiny_model_dir):
     from peft import PeftModel
 
