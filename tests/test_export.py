@@ -101,3 +101,18 @@ def test_gguf_export_round_trips_through_transformers(trained, tmp_path):
 def test_export_needs_a_merged_model(trained, tmp_path):
     result = run([*SLMTUNE, "export", "--model", str(tmp_path / "nothing")], trained, check=False)
     assert result.returncode == 1 and "Run `slmtune merge` first" in result.stderr
+
+
+def test_export_refuses_unknown_types_and_architectures_it_cannot_write(tmp_path):
+    from conftest import sample_texts
+    from slmtune.config import Config
+    from slmtune.errors import ExportError
+    from slmtune.export import export_gguf, write_gguf
+    from tiny_models import save_tiny_model
+
+    with pytest.raises(ExportError, match=r"^--type q4_k: use one of f16, q8_0\.$"):
+        export_gguf(Config(), str(tmp_path), str(tmp_path / "out"), ["f16", "q4_k"])
+    gpt2 = save_tiny_model(tmp_path / "gpt2", sample_texts(), arch="gpt2")
+    with pytest.raises(ExportError, match=r"GGUF export supports model types llama, not gpt2; use llama\.cpp"):
+        write_gguf(gpt2, tmp_path / "model.gguf", "f16", "tiny")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "model.gguf").exists()

@@ -182,6 +182,44 @@ def test_unreadable_sources_stop_with_one_line_naming_the_file(tmp_path, name, c
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "name,content,kind,message",
+    [
+        (
+            "too_many.csv",
+            "instruction,input,output\nWhat is A?,,Alpha\nWhat is B?,,Beta,extra\n",
+            "instruction",
+            r"too_many\.csv:3: more fields than the header has columns; quote fields that contain commas",
+        ),
+        (
+            "bad_quote.csv",
+            'instruction,input,output\nWhat is A?,,Alpha\n"What is B?,,Beta\nWhat is C?,,Gamma\n',
+            "instruction",
+            r"bad_quote\.csv:3: broken CSV from this line on \(unexpected end of data\); a field that opens with",
+        ),
+        (
+            "not_object.jsonl",
+            '{"instruction": "a?", "output": "A"}\n["not", "an", "object"]\n',
+            "instruction",
+            r"not_object\.jsonl:2: expected a JSON object, got list",
+        ),
+        (
+            "turn_type.jsonl",
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+            '{"messages": [{"role": "user", "content": "hi"}, "just text"]}\n',
+            "chat",
+            r"turn_type\.jsonl:2: column 'messages' turn 2 must be an object with role/content .*, got str",
+        ),
+    ],
+)
+def test_reader_errors_name_the_line_and_the_fix(tmp_path, name, content, kind, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as error:
+        prepare_data(data_config({"s": source(path, kind=kind)}))
+    assert "\n" not in str(error.value)
+
+
 def test_wrong_columns_are_named_with_the_mapping_fix(tmp_path):
     path = tmp_path / "kb.csv"
     path.write_text("question,answer\nq?,a.\n")

@@ -29,9 +29,9 @@ from slmtune.config import Config, TrackingConfig, compose_params
 from slmtune.lineage import file_md5
 from slmtune.modeling import load_model
 from slmtune.prompting import IGNORE_INDEX
-from slmtune.telemetry import StepLog
+from slmtune.telemetry import MemoryMonitor, StepLog
 from slmtune.tracking import mlflow_run
-from slmtune.training import build_trainer, fit, lora_model
+from slmtune.training import build_trainer, check_world_size, fit, lora_model, make_collator, prepare_model
 from tiny_models import save_tiny_model
 
 
@@ -132,6 +132,43 @@ def test_gradient_checkpointing_recomputes_each_layer_in_the_backward_pass(
     )
     assert plain == [False, False]  # one forward of the first layer's MLP per step
     assert checkpointed == [False, True] * 2  # and one more in each backward pass, recomputing what was not kept
+
+
+def test_epochs_set_the_length_when_max_steps_is_unset(tiny_model_dir, tiny_tokenizer, records, tmp_path):
+    config = tiny_config(max_steps=-1, epochs=2, batch_size=4, gradient_accumulation_steps=2, eval_steps=100)
+    model = lora_model(load_model(tiny_model_dir), config)
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log_system_metrics=False)
+    with mlflow_run(tracking):
+        metrics, _ = fit(config, model, tiny_tokenizer, splits_for(records, tiny_tokenizer), StepLog())
+    assert metrics["steps"] == 2 * 16 / (4 * 2)  # two passes over 16 examples, 8 per optimizer step
+
+
+def test_packed_batches_score_each_example_as_if_it_were_alone(tiny_model_dir, tiny_tokenizer, records):
+    """Padding-free batches: positions restart at each example and attention stays inside it, so each token's
+    loss equals its loss in an ordinary padded batch (the model as the train stage prepares it)."""
+    rows = [dict(r) for r in splits_for(records, tiny_tokenizer, n_train=4, n_val=0)["train"]]
+    losses = {}
+    for packing in (False, True):
+        config = tiny_config(packing=packing)
+        config.paths.base_model, config.method.dropout = str(tiny_model_dir), 0.0
+        model = prepare_model(config, tiny_tokenizer, MemoryMonitor(False))
+        batch = make_collator(config, tiny_tokenizer)(rows)
+        assert (batch["input_ids"].shape[0] == 1) == packing
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        labels = batch["labels"][:, 1:]
+        each = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none")
+        losses[packing] = each[labels != IGNORE_INDEX]
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
+
+
+def test_world_size_guard_refuses_ranks_that_would_each_train_alone(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    alone = SimpleNamespace(args=SimpleNamespace(world_size=1))
+    with pytest.raises(RuntimeError, match="2 processes were launched but the Trainer sees a world of 1"):
+        check_world_size(alone)
+    check_world_size(SimpleNamespace(args=SimpleNamespace(world_size=2)))
 
 
 def test_adapter_is_a_standard_peft_adapter(tiny_trained, tiny_model_dir):

@@ -101,11 +101,14 @@ def _decode_lines(path: Path, raw: bytes) -> tuple[list[str], list[Problem]]:
 
 
 def _read_csv(path: Path, lines: list[str]) -> tuple[list[Row], list[Problem]]:
-    reader = csv.DictReader(io.StringIO("".join(lines), newline=""))
+    # strict: a quote that never closes is an error at the end of the file, not a field that swallows the rest
+    reader = csv.DictReader(io.StringIO("".join(lines), newline=""), strict=True)
     rows, problems = [], []
+    start = 2  # the line a record starts on (a quoted field may span lines): what a person opens
     try:
         for values in reader:
-            location = f"{path}:{reader.line_num}"
+            location = f"{path}:{start}"
+            start = reader.line_num + 1
             if None in values:
                 problems.append(
                     Problem(
@@ -117,7 +120,10 @@ def _read_csv(path: Path, lines: list[str]) -> tuple[list[Row], list[Problem]]:
                 continue
             rows.append(Row(location, values))
     except csv.Error as exc:
-        raise DataError(f"{path}:{reader.line_num}: broken CSV ({exc}). Fix the quoting on that line.") from None
+        raise DataError(
+            f"{path}:{start}: broken CSV from this line on ({exc}); a field that opens with a quote must close with "
+            "one, and a quote inside a quoted field is written twice."
+        ) from None
     if not rows and not problems:
         raise DataError(f"{path}: has a header but no data rows.")
     return rows, problems
