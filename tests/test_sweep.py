@@ -100,6 +100,9 @@ def test_sweep_runs_the_grid_as_queued_experiments_under_one_parent_and_reproduc
     }
 
     chosen = names[ranked[0]]
+    plan = run(["slmtune", "reproduce", chosen.info.run_id], project)  # without --run: the plan only
+    assert f"refs/exps/{baseline[:2]}/{baseline[2:]}/{ranked[0]}" in plan.stdout and "reproducing in" not in plan.stdout
+    assert run(["git", "worktree", "list"], project).stdout.count("\n") == 1
     result = run(["slmtune", "reproduce", chosen.info.run_id, "--run"], project)
     assert f"refs/exps/{baseline[:2]}/{baseline[2:]}/{ranked[0]}" in result.stdout
     assert "MATCH     adapter_model.safetensors" in result.stdout and "reproduction: MATCH" in result.stdout
@@ -117,3 +120,35 @@ def test_sweep_refuses_untracked_pipeline_files_before_queueing(tiny_project: Pa
     unknown = run(["slmtune", "sweep", "-S", "method.rank=2,4"], tiny_project, check=False)
     assert unknown.returncode == 1 and "method.rank" in unknown.stderr and len(unknown.stderr.strip().splitlines()) == 1
     assert "Queued" not in run(["dvc", "queue", "status"], tiny_project).stdout
+
+
+@pytest.mark.pipeline
+def test_sweep_with_a_failing_experiment_exits_1_and_a_busy_queue_is_refused(tmp_path, tiny_model_dir):
+    project = make_project(
+        tmp_path / "project",
+        [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES],
+        frozen_conf=True,
+    )
+    _fresh_clone_state(project)
+    # every example is longer than 8 tokens: this experiment's tokenize stage fails
+    failed = run(["slmtune", "sweep", "-S", "data.max_length=8"], project, check=False)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert failed.stderr.strip().splitlines()[-1].startswith("error: 1 experiment(s) failed: ")
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["slmtune"], output_format="list")
+    (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert child.info.status == "FAILED"
+
+    run(["dvc", "exp", "run", "--queue", "-S", "method.r=8"], project)  # someone else's experiment, not yet run
+    busy = run(["slmtune", "sweep", "-S", "method.r=2,4"], project, check=False)
+    assert busy.returncode == 1 and "the DVC queue already holds 1 unfinished experiment(s)" in busy.stderr
+    assert "dvc queue remove --queued" in busy.stderr and len(busy.stderr.strip().splitlines()) == 1
+
+
+def test_reproduction_mismatch_is_exit_1():
+    from slmtune.experiments import compare_metrics
+
+    recorded = {"test/tuned/loss": 1.25, "test/base/loss": 2.0}
+    assert compare_metrics(recorded, {"tuned": {"loss": 1.25}, "base": {"loss": 2.0}}) == 0
+    assert compare_metrics(recorded, {"tuned": {"loss": 1.30}, "base": {"loss": 2.0}}) == 1
+    assert compare_metrics({}, {"tuned": {"loss": 1.25}}) == 1  # nothing recorded to compare with
