@@ -64,8 +64,12 @@ def test_lora_training_moves_every_adapter_weight_and_no_base_weight(tiny_model_
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log_system_metrics=False)
     step_log = StepLog()
+    splits = splits_for(records, tiny_tokenizer)
     with mlflow_run(tracking) as run:
-        metrics, _ = fit(config, model, tiny_tokenizer, splits_for(records, tiny_tokenizer), step_log)
+        metrics, _ = fit(config, model, tiny_tokenizer, splits, step_log)
+    # the validation loss reported is that of the final weights (read from the last step's evaluation)
+    again = build_trainer(config, model, tiny_tokenizer, splits, str(tmp_path / "again"), []).evaluate()
+    assert metrics["val_loss"] == pytest.approx(again["eval_loss"], rel=1e-6)
     for name, param in model.named_parameters():
         changed = not torch.equal(before[name], param.detach())
         assert changed == param.requires_grad, f"{name}: changed={changed}, trainable={param.requires_grad}"

@@ -191,10 +191,20 @@ def fit(
             "tokens_per_second": collator.tokens / runtime if runtime else 0.0,
         }
         if trainer.eval_dataset is not None:
-            metrics["val_loss"] = float(trainer.evaluate()["eval_loss"])
+            metrics["val_loss"] = final_val_loss(trainer)
         # Sharded (FSDP) weights: every rank joins in gathering the full state dict that rank 0 saves.
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
     return metrics, state_dict
+
+
+def final_val_loss(trainer: Trainer) -> float:
+    """The validation loss of the weights training ended with: the evaluation logged at the last step when
+    there was one (and no best checkpoint was reloaded), else a new evaluation."""
+    last = trainer.state.log_history[-2:] if trainer.state.log_history else []
+    logged = [e["eval_loss"] for e in last if "eval_loss" in e and e.get("step") == trainer.state.global_step]
+    if logged and not trainer.args.load_best_model_at_end:
+        return float(logged[-1])
+    return float(trainer.evaluate()["eval_loss"])
 
 
 def save_adapter(model: Any, tokenizer: Any, adapter_dir: Path, state_dict: dict | None = None) -> None:
