@@ -246,9 +246,14 @@ def test_each_method_trains_end_to_end(tokenized, tmp_path, method):
     assert type(model_card_model(project)).__name__ == (
         "LlamaForCausalLM" if method == "full" else "PeftModelForCausalLM"
     )
+    if method in ("qlora", "full"):  # merging: QLoRA's adapter onto the dequantised base; a full model refuses
+        merge = run([*SLMTUNE, "merge", "-o", str(tmp_path / "merged")], project, check=False)
+        assert (merge.returncode, (tmp_path / "merged").exists()) == ((1, False) if method == "full" else (0, True))
+        assert ("merge parity: PASS" in merge.stdout) == (method == "qlora"), merge.stdout + merge.stderr
     if method == "full":
         assert counts["trainable"] == counts["total"]
         assert (adapter / "model.safetensors").is_file() and not (adapter / "adapter_config.json").exists()
+        assert "holds a fully fine-tuned model already" in merge.stderr and "slmtune export --model" in merge.stderr
         return
     assert 0 < counts["trainable"] < counts["total"] / 2
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -490,6 +495,22 @@ def test_stale_checkpoints_of_another_config_are_not_resumed(tmp_path, tiny_mode
     result = run(["dvc", "repro", "train"], project)
     assert "resuming" not in result.stdout + result.stderr
     assert not json.loads((project / "models/adapter/provenance.json").read_text())["resumed"]
+
+
+def test_checkpoints_trained_on_other_data_are_not_resumable(tmp_path):
+    """The end-to-end test above changes a setting; a change of data (or base model) reaches the same check
+    through the inputs' md5s in the fingerprint."""
+    from slmtune.resume import mark_resumable, resumable_run, resume_fingerprint
+
+    inputs = {"tokenized": {"md5": "aa"}, "base_model": {"md5": "bb"}, "prepared": {"md5": "cc"}}
+    fingerprint = resume_fingerprint(Config(), inputs)
+    checkpoints = tmp_path / "checkpoints"
+    for name in inputs:
+        (checkpoints / "checkpoint-5").mkdir(parents=True)
+        mark_resumable(checkpoints, fingerprint, "run-1")
+        assert resumable_run(checkpoints, fingerprint)["run_id"] == "run-1"
+        other = resume_fingerprint(Config(), {**inputs, name: {"md5": "changed"}})
+        assert resumable_run(checkpoints, other) is None and not checkpoints.exists(), name  # discarded
 
 
 def validation_loss(project: Path, base: Path, adapter: bool = True) -> float:
