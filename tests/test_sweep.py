@@ -50,6 +50,18 @@ def test_sweep_ranks_by_the_chosen_metric_in_its_direction():
     )
 
 
+def fresh_clone_project(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A tiny project whose conf/ holds its settings (queued experiments recompose conf/), in the state of a
+    fresh clone: dvc.lock committed, no outputs, no cache."""
+    project = make_project(
+        tmp_path / "project",
+        [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES],
+        frozen_conf=True,
+    )
+    _fresh_clone_state(project)
+    return project
+
+
 def _fresh_clone_state(project: Path) -> None:
     """Commit dvc.lock as the repository ships it, then drop outputs and cache as a new clone has none."""
     run(["dvc", "repro", "tokenize"], project)
@@ -61,12 +73,7 @@ def _fresh_clone_state(project: Path) -> None:
 
 @pytest.mark.pipeline
 def test_sweep_runs_the_grid_as_queued_experiments_under_one_parent_and_reproduces(tmp_path, tiny_model_dir):
-    project = make_project(
-        tmp_path / "project",
-        [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES],
-        frozen_conf=True,
-    )
-    _fresh_clone_state(project)
+    project = fresh_clone_project(tmp_path, tiny_model_dir)
     result = run(["slmtune", "sweep", "-S", "method.r=2,4", "-S", "train.learning_rate=1e-3", "-j", "2"], project)
     assert result.stdout.count("Running stage 'prepare'") == result.stdout.count("Running stage 'tokenize'") == 1
 
@@ -124,12 +131,7 @@ def test_sweep_refuses_untracked_pipeline_files_before_queueing(tiny_project: Pa
 
 @pytest.mark.pipeline
 def test_sweep_with_a_failing_experiment_exits_1_and_a_busy_queue_is_refused(tmp_path, tiny_model_dir):
-    project = make_project(
-        tmp_path / "project",
-        [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES],
-        frozen_conf=True,
-    )
-    _fresh_clone_state(project)
+    project = fresh_clone_project(tmp_path, tiny_model_dir)
     # every example is longer than 8 tokens: this experiment's tokenize stage fails
     failed = run(["slmtune", "sweep", "-S", "data.max_length=8"], project, check=False)
     assert failed.returncode == 1, failed.stdout + failed.stderr
