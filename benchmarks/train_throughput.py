@@ -1,18 +1,28 @@
-"""Training throughput and memory: the hand-written script of the seeds vs this project's train stage.
+"""Training throughput and memory on users' kind of data: peers vs this project's train stage, side by side.
 
-    python benchmarks/train_throughput.py [--steps 8] [--batch-size 8] [--output reports/train_throughput.json]
+    python benchmarks/train_throughput.py [--steps 6] [--batch-size 8] [--sets long,short] [--output FILE.json]
 
-Needs `models/base` and `data/tokenized` (`dvc repro tokenize`). Every variant runs in its own process (so that
-peak RSS is its own), on the same model, data, LoRA rank/alpha/dropout, batch size and step count:
+Needs `models/base` and `data/tokenized` (`dvc repro tokenize`). Two data sets, in one invocation:
 
-- baseline: HF `Trainer` + peft LoRA on q_proj/v_proj, every example padded to 512 tokens (as the seeds do);
-- slmtune: this project's training code (`prepare_model` + `fit`, as the train stage runs them), same targets,
-  batches grouped by length and padded to their longest example; slmtune-packed: padding-free batches;
-- memory: the train stage with the shipped presets lora, qlora and full (their own target modules).
+- long: public-instruction-like data built here (`instruction_data.py`: 400 tasks, mean ~136 SmolLM2 tokens per
+  example, longest ~475), prepared and tokenized by the project's own prepare/tokenize code with max_length 512;
+- short: the pipeline's tokenized knowledge base (`data/tokenized`, mean ~63 tokens; the seeds' script reads its
+  CSV, `data/raw/company_kb.csv`).
 
-For each it prints real (non-pad) tokens per second, the ratio to the baseline, peak RSS (and CUDA) memory and the
-share of this machine's measured fp32 matmul peak that the training FLOPs reach (about 4 x parameters x real
-tokens for LoRA, 6 x for full fine-tuning). Ratios are measured side by side in one invocation.
+On each, every variant runs in its own process (so that peak RSS is its own), on the same model, LoRA rank/alpha/
+dropout, batch size and step count:
+
+- seeds: the seeds' hand-written script: pandas reads the CSV, Alpaca-style prompt, every example padded to 512,
+  every token trained, HF Trainer + peft LoRA on q_proj/v_proj, fp32;
+- trl: TRL `SFTTrainer` with its defaults (prompt-completion data, peft's default targets q_proj/v_proj; TRL turns on
+  bf16 and gradient checkpointing; `use_cpu` set where there is no GPU, which its bf16 default requires);
+- default: this project's train stage (`prepare_model` + `fit`) with the shipped default preset (method=lora, all
+  projections; precision auto); default-fp32: the same in fp32 (the loss curves of the two are printed);
+- qv: the train stage with q_proj/v_proj only; full: the train stage with method=full.
+
+For each: real (non-pad) tokens per second, the ratio to each peer, peak RSS (and CUDA) memory, and the share of this
+machine's measured matmul peak, in the precision the variant computes in, that the training FLOPs reach (about
+4 x parameters x real tokens for LoRA, 6 x for full fine-tuning).
 """
 
 from __future__ import annotations
@@ -26,90 +36,145 @@ import tempfile
 import time
 from pathlib import Path
 
-BASELINE_LENGTH = 512
+HERE = Path(__file__).resolve().parent
+SEEDS_LENGTH = 512
+LONG_MAX_LENGTH = 512
 VARIANTS = {
-    "baseline": "HF Trainer + peft, q_proj/v_proj, pad to 512",
-    "slmtune": "train stage, q_proj/v_proj, length-grouped dynamic padding",
-    "slmtune-packed": "train stage, q_proj/v_proj, padding-free packing",
-    "lora": "train stage, method=lora (all attention + MLP projections)",
-    "qlora": "train stage, method=qlora (4-bit NF4 base)",
+    "seeds": "seeds' script: pandas CSV, pad to 512, Trainer + peft q/v, fp32",
+    "trl": "TRL SFTTrainer, its defaults (peft q/v)",
+    "default": "train stage, default preset (lora, all projections), precision auto",
+    "default-fp32": "train stage, default preset, precision fp32",
+    "qv": "train stage, q_proj/v_proj only",
     "full": "train stage, method=full",
 }
+PEERS = ("seeds", "trl")
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """Measured fp32 matmul throughput of this machine (GFLOP/s), the best of `repeats`."""
+def matmul_peak_gflops(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
+    """Measured matmul throughput of this machine (GFLOP/s) in fp32 or bf16, the best of `repeats`."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    dtype = getattr(torch, dtype_name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     torch.matmul(a, b)
     best = float("inf")
     for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         torch.matmul(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 
 
-def bench_config(variant: str, steps: int, batch_size: int):
+def build_long_set(folder: Path) -> dict:
+    """Write the long instruction set (JSONL and the same rows as CSV for the seeds' script), then prepare and
+    tokenize it with the project's code into `folder/tokenized`."""
+    import pandas as pd
+    from datasets import Dataset, DatasetDict
+
+    sys.path.insert(0, str(HERE))
+    from instruction_data import write_instruction_set
+
+    from slmtune.config import SourceConfig, load_config
+    from slmtune.data import Issues, prepare_data
+    from slmtune.modeling import load_tokenizer
+    from slmtune.prompting import tokenize_splits
+
+    raw = write_instruction_set(folder / "instructions.jsonl")
+    pd.read_json(raw, lines=True).to_csv(folder / "instructions.csv", index=False)
+    config = load_config()
+    config.data.sources = {"instructions": SourceConfig(path=str(raw))}
+    config.data.max_length = LONG_MAX_LENGTH
+    prepared = prepare_data(config.data)
+    tokenizer = load_tokenizer(config.paths.base_model)
+    examples, stats = tokenize_splits(prepared.splits, config.data, tokenizer, False, Issues(config.data.on_invalid))
+    DatasetDict(
+        {
+            name: Dataset.from_dict({"input_ids": [e.input_ids for e in split], "labels": [e.labels for e in split]})
+            for name, split in examples.items()
+            if split
+        }
+    ).save_to_disk(str(folder / "tokenized"))
+    lengths = [len(e.input_ids) for e in examples["train"]]
+    return {"examples": len(lengths), "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths)}
+
+
+def apply_overrides(config, overrides: list[str]) -> None:
+    """`section.key=value` settings (YAML values) on top of params.yaml, e.g. train.max_batch_tokens=1024."""
+    import yaml
+
+    for item in overrides:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        target = getattr(config, section)
+        if not hasattr(target, name):
+            sys.exit(f"error: --set {item}: {key} is not a config key")
+        setattr(target, name, yaml.safe_load(value))
+
+
+def bench_config(variant: str, steps: int, batch_size: int, tokenized: str, max_length: int):
     """params.yaml with the benchmark's settings: fixed steps, no checkpoints, validation only after training."""
-    from slmtune.config import load_config
+    from slmtune.config import compose_params, load_config
 
     config = load_config()
+    config.paths.tokenized = tokenized
+    config.data.max_length = max_length
     train = config.train
     train.max_steps, train.batch_size, train.save_steps = steps, batch_size, 0
     train.eval_steps, train.logging_steps, train.gradient_accumulation_steps = steps + 1, 1, 1
-    if variant in ("baseline", "slmtune", "slmtune-packed"):
+    if variant in ("qv", "seeds", "trl"):
         config.method.target_modules = ["q_proj", "v_proj"]
-        train.packing = variant == "slmtune-packed"
-    else:
-        from slmtune.config import compose_params
-
-        preset = compose_params(".", Path(tempfile.mkdtemp()) / "params.yaml", [f"method={variant}"]).method
-        config.method = preset
-        if variant == "full":
-            train.learning_rate = 5e-5
+    if variant == "default-fp32":
+        train.precision = "fp32"
+    if variant == "full":
+        config.method = compose_params(".", Path(tempfile.mkdtemp()) / "params.yaml", ["method=full"]).method
+        train.learning_rate = 5e-5
     return config
 
 
-def run_baseline(config, tokenizer) -> dict:
-    """The seeds' script: pad/truncate every example to 512 tokens, Trainer's default sampler and collator."""
-    import torch
-    from datasets import load_from_disk
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
+def lora_config(config, **extra):
+    from peft import LoraConfig
 
-    train = load_from_disk(config.paths.tokenized)["train"]
-    pad = tokenizer.pad_token_id
-
-    def to_512(row):
-        ids = row["input_ids"][:BASELINE_LENGTH]
-        labels = row["labels"][:BASELINE_LENGTH]
-        fill = BASELINE_LENGTH - len(ids)
-        return {
-            "input_ids": ids + [pad] * fill,
-            "labels": labels + [-100] * fill,
-            "attention_mask": [1] * len(ids) + [0] * fill,
-        }
-
-    padded = train.map(to_512, remove_columns=train.column_names)
-    model = AutoModelForCausalLM.from_pretrained(config.paths.base_model, dtype=torch.float32)
     method = config.method
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=method.r,
-            lora_alpha=method.alpha,
-            lora_dropout=method.dropout,
-            target_modules=["q_proj", "v_proj"],
-            task_type="CAUSAL_LM",
-        ),
-    )
+    return LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout, task_type="CAUSAL_LM", **extra)
+
+
+def loss_curve(log_history: list[dict]) -> list[float]:
+    return [round(entry["loss"], 4) for entry in log_history if "loss" in entry]
+
+
+def run_seeds(config, tokenizer, data_dir: Path) -> dict:
+    """The seeds' script: pandas CSV -> Alpaca-style prompts -> tokenizer(padding="max_length", 512) -> Trainer."""
+    import pandas as pd
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    csv = data_dir / "instructions.csv" if data_dir else Path(config.data.sources["company_kb"].path)
+    frame = pd.read_csv(csv).fillna("")
+
+    def prompt(row) -> str:
+        context = f"### Input:\n{row['input']}\n\n" if row["input"] else ""
+        return f"### Instruction:\n{row['instruction']}\n\n{context}### Response:\n{row['output']}{tokenizer.eos_token}"
+
+    texts = [prompt(row) for _, row in frame.iterrows()]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=SEEDS_LENGTH)
+    dataset = Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+    model = AutoModelForCausalLM.from_pretrained(config.paths.base_model, dtype=torch.float32)
+    model = get_peft_model(model, lora_config(config, target_modules=["q_proj", "v_proj"]))
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     real = {"tokens": 0}
 
     def collate(features):
         real["tokens"] += sum(sum(f["attention_mask"]) for f in features)
-        return default_data_collator(features)
+        return collator(features)
 
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(),
@@ -123,138 +188,206 @@ def run_baseline(config, tokenizer) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    result = Trainer(model=model, args=args, train_dataset=padded, data_collator=collate).train()
-    runtime = result.metrics["train_runtime"]
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
+    result = trainer.train()
     return {
         "tokens": real["tokens"],
-        "runtime_s": runtime,
-        "processed_tokens": config.train.max_steps * config.train.batch_size * BASELINE_LENGTH,
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "runtime_s": result.metrics["train_runtime"],
         "params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+        "precision": "fp32",
+        "losses": loss_curve(trainer.state.log_history),
     }
 
 
-def run_ours(config, tokenizer) -> dict:
+def run_trl(config, tokenizer, data_dir: Path | None) -> dict:
+    """TRL SFTTrainer with its defaults on prompt-completion pairs (the chat template applied by TRL)."""
+    import torch
+    from datasets import Dataset, load_from_disk
+    from trl import SFTConfig, SFTTrainer
+
+    splits = load_from_disk(config.paths.tokenized)["train"]
+    # prompt / completion text back from the tokenized split: what TRL would be handed as a user's data
+    rows = []
+    for ids, labels in zip(splits["input_ids"], splits["labels"]):
+        cut = next(i for i, label in enumerate(labels) if label != -100)
+        rows.append({"prompt": tokenizer.decode(ids[:cut]), "completion": tokenizer.decode(ids[cut:])})
+    real = {"tokens": 0}
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=config.train.max_steps,
+        per_device_train_batch_size=config.train.batch_size,
+        learning_rate=config.train.learning_rate,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=config.train.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = SFTTrainer(
+        model=config.paths.base_model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora_config(config),
+    )
+    collator = trainer.data_collator
+
+    def collate(features):
+        batch = collator(features)
+        real["tokens"] += (
+            int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        )
+        return batch
+
+    trainer.data_collator = collate
+    trainer.train_dataset = trainer.train_dataset
+    result = trainer.train()
+    model = trainer.model
+    return {
+        "tokens": real["tokens"],
+        "runtime_s": result.metrics["train_runtime"],
+        "params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+        "precision": "bf16" if args.bf16 else "fp32",
+        "losses": loss_curve(trainer.state.log_history),
+    }
+
+
+def run_ours(config, tokenizer, data_dir: Path | None) -> dict:
     """The train stage's own code path: `prepare_model` then `fit` (MLflow into a throwaway store)."""
     import mlflow
     from datasets import load_from_disk
 
     from slmtune.modeling import parameter_counts
     from slmtune.telemetry import MemoryMonitor, StepLog
-    from slmtune.training import fit, prepare_model
+    from slmtune.training import fit, prepare_model, resolved_precision
 
     splits = load_from_disk(config.paths.tokenized).select_columns(["input_ids", "labels"])
     model = prepare_model(config, tokenizer, MemoryMonitor(False))
     mlflow.set_tracking_uri(f"sqlite:///{tempfile.mkdtemp()}/bench.db")
+    step_log = StepLog()
     with mlflow.start_run():
-        metrics, _ = fit(config, model, tokenizer, splits, StepLog())
-    tokens = round(metrics["tokens_per_second"] * metrics["train_runtime_s"])
+        metrics, _ = fit(config, model, tokenizer, splits, step_log)
     counts = parameter_counts(model)
-    base = counts["total"] if config.method.adapter == "none" else counts["total"] - counts["trainable"]
     return {
-        "tokens": tokens,
+        "tokens": round(metrics["tokens_per_second"] * metrics["train_runtime_s"]),
         "runtime_s": metrics["train_runtime_s"],
-        "processed_tokens": None,
-        "trainable": counts["trainable"],
-        "params": base,
+        "params": counts["total"] if config.method.adapter == "none" else counts["total"] - counts["trainable"],
+        "precision": resolved_precision(config.train),
+        "losses": [round(row["loss"], 4) for row in step_log.rows if "loss" in row],
+        "padding_free": bool(metrics["padding_free"]),
+        "gradient_checkpointing": bool(metrics["gradient_checkpointing"]),
     }
 
 
-def worker(variant: str, steps: int, batch_size: int) -> dict:
+def worker(variant: str, steps: int, batch_size: int, data_dir: str | None, overrides: list[str]) -> dict:
     import resource
 
     import torch
 
     from slmtune.modeling import load_tokenizer
 
-    config = bench_config(variant, steps, batch_size)
+    folder = Path(data_dir) if data_dir else None
+    tokenized = str(folder / "tokenized") if folder else "data/tokenized"
+    config = bench_config(variant, steps, batch_size, tokenized, LONG_MAX_LENGTH if folder else 0)
+    if not folder:
+        from slmtune.config import load_config
+
+        config.data.max_length = load_config().data.max_length
+    if variant not in PEERS:
+        apply_overrides(config, overrides)
     tokenizer = load_tokenizer(config.paths.base_model)
-    result = run_baseline(config, tokenizer) if variant == "baseline" else run_ours(config, tokenizer)
+    run = {"seeds": run_seeds, "trl": run_trl}.get(variant, run_ours)
+    result = run(config, tokenizer, folder)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     result["flops_per_token"] = (6 if variant == "full" else 4) * result["params"]
     return result
 
 
+def run_variant(variant: str, args, data_dir: Path | None) -> dict:
+    command = [sys.executable, "-P", __file__, "--worker", variant, "--steps", str(args.steps)]
+    command += ["--batch-size", str(args.batch_size)] + (["--data-dir", str(data_dir)] if data_dir else [])
+    command += [f"--set={item}" for item in args.set]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"error: variant {variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def table(results: dict, peaks: dict) -> list[str]:
+    peers = [p for p in PEERS if p in results]
+    head = "| variant | what | real tokens/s | " + " | ".join(f"vs {p}" for p in peers)
+    lines = [head + " | peak RSS MB | peak CUDA MB | precision | share of matmul peak |"]
+    lines.append("|---|---|---:|" + "---:|" * len(peers) + "---:|---:|---|---:|")
+    for variant, r in results.items():
+        ratios = " | ".join(f"{r['tokens_per_second'] / results[p]['tokens_per_second']:.2f}x" for p in peers)
+        cuda = f"{r['peak_cuda_mb']:.0f}" if r["peak_cuda_mb"] is not None else "-"
+        share = r["flops_per_token"] * r["tokens_per_second"] / (peaks[r["precision"]] * 1e9)
+        r["matmul_peak_share"] = share
+        lines.append(
+            f"| {variant} | {VARIANTS[variant]} | {r['tokens_per_second']:.1f} | {ratios} | {r['peak_rss_mb']:.0f} | "
+            f"{cuda} | {r['precision']} | {100 * share:.1f}% |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--sets", default="long,short")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--output", help="also write the figures as JSON here")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override for the train stage's runs"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.steps, args.batch_size)), flush=True)
+        result = worker(args.worker, args.steps, args.batch_size, args.data_dir, args.set)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     for needed in ("models/base", "data/tokenized"):
         if not Path(needed).exists():
             sys.exit(f"error: {needed} not found; run `dvc repro tokenize` first.")
-    peak = matmul_peak_gflops()
     import torch
 
+    from slmtune.training import bf16_native
+
+    peaks = {"fp32": matmul_peak_gflops("float32"), "bf16": matmul_peak_gflops("bfloat16")}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"
     print(
-        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"measured fp32 matmul peak {peak:.1f} GFLOP/s; {args.steps} steps x batch {args.batch_size}",
+        f"machine: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; measured matmul peak "
+        f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s (native bf16: {bf16_native()}); "
+        f"{args.steps} steps x batch {args.batch_size}" + (f"; overrides {' '.join(args.set)}" if args.set else ""),
         flush=True,
     )
-    results = {}
-    for variant in args.variants.split(","):
-        started = time.perf_counter()
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-P",
-                __file__,
-                "--worker",
-                variant,
-                "--steps",
-                str(args.steps),
-                "--batch-size",
-                str(args.batch_size),
-            ],
-            capture_output=True,
-            text=True,
-        )
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            sys.exit(f"error: variant {variant} failed:\n{proc.stderr[-3000:]}")
-        result = json.loads(lines[-1][len("RESULT ") :])
-        result["tokens_per_second"] = result["tokens"] / result["runtime_s"]
-        result["matmul_peak_share"] = result["flops_per_token"] * result["tokens_per_second"] / (peak * 1e9)
-        result["wall_s"] = time.perf_counter() - started
-        results[variant] = result
-        print(
-            f"  {variant}: {result['tokens_per_second']:.1f} real tokens/s, peak RSS {result['peak_rss_mb']:.0f} MB "
-            f"({time.perf_counter() - started:.0f} s)",
-            flush=True,
-        )
-    base = results.get("baseline")
-    print("\n| variant | what | real tokens/s | vs baseline | peak RSS MB | peak CUDA MB | share of fp32 matmul peak |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for variant, r in results.items():
-        ratio = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "-"
-        cuda = f"{r['peak_cuda_mb']:.0f}" if r["peak_cuda_mb"] is not None else "-"
-        print(
-            f"| {variant} | {VARIANTS[variant]} | {r['tokens_per_second']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} | "
-            f"{cuda} | "
-            f"{100 * r['matmul_peak_share']:.1f}% |"
-        )
-    if base and "slmtune" in results:
-        print(
-            "\nspeed-up of the train stage over the baseline: "
-            f"{results['slmtune']['tokens_per_second'] / base['tokens_per_second']:.2f}x "
-            f"real tokens/s (the baseline computes {base['processed_tokens']:,} token positions for "
-            f"{base['tokens']:,} real tokens)"
-        )
+    report = {"matmul_peak_gflops": peaks, "steps": args.steps, "batch_size": args.batch_size, "sets": {}}
+    with tempfile.TemporaryDirectory(prefix="slmtune-bench-") as scratch:
+        for name in args.sets.split(","):
+            data_dir = Path(scratch) if name == "long" else None
+            info = build_long_set(Path(scratch)) if name == "long" else {"tokenized": "data/tokenized"}
+            print(f"\n## {name} set: {json.dumps(info)}", flush=True)
+            results = {}
+            for variant in args.variants.split(","):
+                started = time.perf_counter()
+                result = run_variant(variant, args, data_dir)
+                result["tokens_per_second"] = result["tokens"] / result["runtime_s"]
+                result["wall_s"] = time.perf_counter() - started
+                results[variant] = result
+                print(
+                    f"  {variant}: {result['tokens_per_second']:.1f} real tokens/s, peak RSS "
+                    f"{result['peak_rss_mb']:.0f} MB, losses {result['losses']} ({result['wall_s']:.0f} s)",
+                    flush=True,
+                )
+            print("\n" + "\n".join(table(results, peaks)), flush=True)
+            report["sets"][name] = {"data": info, "results": results}
     if args.output:
-        Path(args.output).write_text(
-            json.dumps(
-                {"matmul_peak_gflops": peak, "steps": args.steps, "batch_size": args.batch_size, "results": results},
-                indent=2,
-            )
-            + "\n"
-        )
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

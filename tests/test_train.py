@@ -31,7 +31,19 @@ from slmtune.modeling import load_model
 from slmtune.prompting import IGNORE_INDEX
 from slmtune.telemetry import MemoryMonitor, StepLog
 from slmtune.tracking import mlflow_run
-from slmtune.training import build_trainer, check_world_size, fit, lora_model, make_collator, prepare_model
+from slmtune.training import (
+    build_trainer,
+    check_world_size,
+    fit,
+    lora_model,
+    make_collator,
+    padding_free,
+    prepare_model,
+    restore_attention,
+    split_batch,
+    use_bf16,
+    use_gradient_checkpointing,
+)
 from tiny_models import save_tiny_model
 
 
@@ -39,13 +51,14 @@ def tiny_config(**train):
     config = Config()
     config.train.max_steps, config.train.learning_rate, config.train.batch_size = 12, 1e-2, 4
     config.train.eval_steps, config.train.warmup_ratio = 6, 0.0
+    config.train.precision = "fp32"  # exact comparisons; bf16 autocast has its own tests
     for key, value in train.items():
         setattr(config.train, key, value)
     return config
 
 
 def test_batches_are_padded_to_their_longest_example_only(tiny_model_dir, tiny_tokenizer, records, tmp_path):
-    config = tiny_config()
+    config = tiny_config(packing=False)
     splits = splits_for(records, tiny_tokenizer)
     model = lora_model(load_model(tiny_model_dir), config)
     trainer = build_trainer(config, model, tiny_tokenizer, splits, str(tmp_path), [])
@@ -125,7 +138,8 @@ def test_gradient_checkpointing_recomputes_each_layer_in_the_backward_pass(
 ):
     def counting(calls):
         def hook(module, args):
-            calls.append(torch._C._current_graph_task_id() != -1)  # whether this forward runs inside a backward
+            if module.training:  # not the padding-free check's forwards (eval mode)
+                calls.append(torch._C._current_graph_task_id() != -1)  # whether this forward runs inside a backward
 
         return hook
 
@@ -152,17 +166,140 @@ def test_packed_batches_score_each_example_as_if_it_were_alone(tiny_model_dir, t
     loss equals its loss in an ordinary padded batch (the model as the train stage prepares it)."""
     rows = [dict(r) for r in splits_for(records, tiny_tokenizer, n_train=4, n_val=0)["train"]]
     losses = {}
-    for packing in (False, True):
+    for packing, attention in ((False, "sdpa"), (True, "sdpa"), (True, "sdpa_padding_free")):
         config = tiny_config(packing=packing)
         config.paths.base_model, config.method.dropout = str(tiny_model_dir), 0.0
         model = prepare_model(config, tiny_tokenizer, MemoryMonitor(False))
+        if attention != "sdpa":
+            assert padding_free(config, model)  # the per-example attention, checked on the model first
+        assert model.get_base_model().config._attn_implementation == attention
         batch = make_collator(config, tiny_tokenizer)(rows)
         assert (batch["input_ids"].shape[0] == 1) == packing
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         labels = batch["labels"][:, 1:]
         each = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none")
-        losses[packing] = each[labels != IGNORE_INDEX]
-    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
+        losses[packing, attention] = each[labels != IGNORE_INDEX]
+        restore_attention(model)
+        assert model.get_base_model().config._attn_implementation == "sdpa"
+    for key in ((True, "sdpa"), (True, "sdpa_padding_free")):
+        torch.testing.assert_close(losses[key], losses[False, "sdpa"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_that_mixes_packed_examples_trains_on_padded_batches(tiny_tokenizer, monkeypatch):
+    """OPT derives positions from the attention mask, so with SDPA's block mask a padding-free row lets examples
+    see each other: the check before training says so and the batches are padded. The per-example attention
+    keeps them apart."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slmtune import training
+
+    opt = AutoConfig.for_model(
+        "opt",
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=len(tiny_tokenizer),
+        word_embed_proj_dim=32,
+    )
+    config = tiny_config()
+    model = lora_model(AutoModelForCausalLM.from_config(opt), config)
+    assert padding_free(config, model)
+    restore_attention(model)
+    monkeypatch.setattr(training, "use_padding_free_attention", lambda model, max_length: None)  # e.g. another kernel
+    assert config.train.packing and not padding_free(config, model)
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_lean_loss_is_the_models_own_loss_on_padded_and_padding_free_batches(tiny_model_dir, tiny_tokenizer, records):
+    """The head only where labels are trained, fp32 softmax in chunks: the same mean loss and the same gradients
+    as the model computing logits for every position."""
+    from slmtune import losses as lean
+
+    rows = [dict(r) for r in splits_for(records, tiny_tokenizer, n_train=6, n_val=0)["train"]]
+    for packing in (False, True):
+        config = tiny_config(packing=packing)
+        config.paths.base_model, config.method.dropout = str(tiny_model_dir), 0.0
+        model = prepare_model(config, tiny_tokenizer, MemoryMonitor(False))
+        batch = make_collator(config, tiny_tokenizer)(rows)
+        own = model(**batch).loss
+        own.backward()
+        expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        original = lean.CHUNK_POSITIONS
+        lean.CHUNK_POSITIONS = 7  # several chunks, the last one short
+        try:
+            losses, keep = lean.trained_token_losses(model, dict(batch))
+        finally:
+            lean.CHUNK_POSITIONS = original
+        assert int(keep.sum()) == len(losses) == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        losses.mean().backward()
+        torch.testing.assert_close(losses.mean(), own, rtol=1e-5, atol=1e-6)
+        for name, grad in expected.items():
+            torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-7)
+
+
+def test_a_batch_over_max_batch_tokens_runs_in_pieces_with_the_same_result(
+    tiny_model_dir, tiny_tokenizer, records, tmp_path
+):
+    """Token-bounded batches: pieces of at most `max_batch_tokens` positions (whole examples), summed into the
+    same optimizer step: the weights after training equal those of whole batches."""
+    rows = [dict(r) for r in splits_for(records, tiny_tokenizer, n_train=8, n_val=0)["train"]]
+    for packing in (False, True):
+        batch = make_collator(tiny_config(packing=packing), tiny_tokenizer)(rows)
+        pieces = split_batch(batch, 40)
+
+        def examples(piece, packing=packing):
+            return int((piece["position_ids"] == 0).sum()) if packing else piece["input_ids"].shape[0]
+
+        assert len(pieces) > 2 and all(p["input_ids"].numel() <= 40 or examples(p) == 1 for p in pieces)
+        assert sum(examples(p) for p in pieces) == 8
+        assert sum(int((p["labels"] != IGNORE_INDEX).sum()) for p in pieces) == int(
+            (batch["labels"] != IGNORE_INDEX).sum()
+        )
+    for packing in (False, True):
+        whole = train_steps(tiny_model_dir, tiny_tokenizer, records, tmp_path, 2, packing=packing, max_batch_tokens=0)
+        split = train_steps(tiny_model_dir, tiny_tokenizer, records, tmp_path, 2, packing=packing, max_batch_tokens=40)
+        for name, weight in whole.items():
+            torch.testing.assert_close(split[name], weight, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_precision_auto_is_bf16_where_the_hardware_computes_it_and_bf16_trains_on_a_cpu(
+    tiny_model_dir, tiny_tokenizer, records, tmp_path, monkeypatch
+):
+    from slmtune import training
+
+    config = tiny_config()
+    config.train.precision = "auto"
+    monkeypatch.setattr(training.torch.cuda, "is_available", lambda: False)
+    for flags, expected in (({"avx512f"}, False), ({"avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True)):
+        monkeypatch.setattr(training, "cpu_flags", lambda flags=flags: flags)
+        assert use_bf16(config.train) is expected
+    # bf16 autocast on a CPU (transformers alone refuses it: "Your setup doesn't support bf16/gpu")
+    model = lora_model(load_model(tiny_model_dir), config)
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log_system_metrics=False)
+    seen = []
+    model.base_model.model.model.layers[0].mlp.up_proj.base_layer.register_forward_hook(
+        lambda module, args, out: seen.append(out.dtype) if module.training else None
+    )
+    with mlflow_run(tracking):
+        metrics, _ = fit(config, model, tiny_tokenizer, splits_for(records, tiny_tokenizer), StepLog())
+    assert metrics["bf16"] == 1.0 and seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights (and so optimizer states) stay fp32
+
+
+def test_gradient_checkpointing_auto_turns_on_when_a_micro_batch_would_not_fit(tiny_model_dir):
+    from slmtune.training import ACTIVATION_BUDGET_BYTES, activation_bytes
+
+    model = load_model(tiny_model_dir)
+    config = tiny_config(gradient_checkpointing="auto")
+    per_token = activation_bytes(model, 1, False, config.method.dropout)
+    config.train.max_batch_tokens = config.data.max_length = ACTIVATION_BUDGET_BYTES // per_token // 2
+    assert not use_gradient_checkpointing(config, model)
+    config.data.max_length *= 4  # one example alone would keep twice the budget
+    assert use_gradient_checkpointing(config, model)
+    config.train.gradient_checkpointing = "false"
+    assert not use_gradient_checkpointing(config, model)
 
 
 def test_world_size_guard_refuses_ranks_that_would_each_train_alone(monkeypatch):
@@ -319,7 +456,8 @@ def test_training_controls_target_modules_early_stopping_checkpointing_memory_mo
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["r"] == 4
     # no evaluation can improve by 10 nats: stopped at the second evaluation (step 6), not at max_steps
     assert out["provenance"]["metrics"]["steps"] == 6
-    assert out["provenance"]["config"]["train"]["gradient_checkpointing"] is True
+    assert out["provenance"]["config"]["train"]["gradient_checkpointing"] == "true"
+    assert out["provenance"]["metrics"]["gradient_checkpointing"] == 1.0
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     logged = mlflow.get_run(out["provenance"]["mlflow"]["run_id"]).data.metrics
     assert {"memory/load/rss_mb", "memory/prepared/rss_mb", "memory/rss_mb", "memory/peak_rss_mb"} <= set(logged)
@@ -543,6 +681,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_
         "train.learning_rate=1e-2",
         "method.dropout=0.0",
         "train.save_steps=0",
+        "train.precision=fp32",  # bf16 roundings differ with the batch shapes of one and two processes
+        "train.max_batch_tokens=64",  # each rank's batch runs in pieces, gradients synchronised after the last
     ]
     one = make_project(tmp_path / "one", common)
     run(["dvc", "repro", "tokenize"], one)

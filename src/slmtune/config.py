@@ -267,15 +267,21 @@ class TrainConfig:
     """Examples per device (per process) per step."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per optimiser step."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    gradient_checkpointing: str = "auto"
+    """Recompute activations in the backward pass (less memory, about a third more compute): true, false, or auto
+    (on when one micro-batch of max_batch_tokens, or one example of data.max_length if longer, would keep more than
+    2 GB of activations)."""
     precision: str = "auto"
-    """auto (bf16 on GPUs that support it, else fp32), fp32, bf16 or fp16 mixed precision."""
+    """auto (bf16 autocast where the hardware computes bf16 natively: GPUs that support it, CPUs with AVX512-BF16
+    or AMX; else fp32), fp32, bf16 or fp16 mixed precision. Weights and optimizer states stay fp32."""
     group_by_length: bool = True
     """Batch examples of similar length, so that padding to the longest in a batch wastes little."""
-    packing: bool = False
+    packing: bool = True
     """Padding-free batches: each batch's examples are concatenated into one row with restarting positions, no pad
-    token."""
+    token (causal LM, on models that keep the examples apart; checked before training, else padded batches)."""
+    max_batch_tokens: int = 512
+    """Token positions per forward/backward pass: a batch with more runs as several passes summed into the same
+    optimizer step (same result, bounded memory); 0: no bound."""
     seed: int = 42
     """Seed for weight init, dropout and data order."""
     logging_steps: int = 1
@@ -303,6 +309,12 @@ class TrainConfig:
 
     def check(self, where: str) -> None:
         _one_of(where, "train.precision", self.precision, PRECISIONS)
+        self.gradient_checkpointing = str(self.gradient_checkpointing).lower()  # YAML true arrives as "True"
+        _one_of(where, "train.gradient_checkpointing", self.gradient_checkpointing, ("auto", "true", "false"))
+        if self.max_batch_tokens < 0:
+            raise ConfigError(
+                f"{where}: train.max_batch_tokens must be >= 0 (0: no bound; got {self.max_batch_tokens})."
+            )
         for key in ("batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "num_processes"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{where}: train.{key} must be at least 1 (got {getattr(self, key)}).")
@@ -387,8 +399,6 @@ class Config:
                 f"{where}: model.task={task} needs sources of {need}; data.sources.{wrong[0]} is kind "
                 f"{self.data.sources[wrong[0]].kind}."
             )
-        if self.train.packing and task != "causal_lm":
-            raise ConfigError(f"{where}: train.packing works for model.task=causal_lm only; set train.packing=false.")
 
 
 def validate_config(raw: Any, source: str) -> Config:

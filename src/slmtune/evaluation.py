@@ -18,6 +18,7 @@ from transformers import DataCollatorWithPadding, set_seed
 from .config import Config
 from .errors import QualityGateError
 from .inference import generate_answers
+from .losses import supports_trained_positions, trained_token_losses
 from .metrics import MODULES_DIR, PER_EXAMPLE, TEXT_MODULES, lower_is_better
 from .modeling import is_adapter, load_model, load_tokenizer
 from .outputs import read_jsonl
@@ -29,13 +30,21 @@ PARITY_TOLERANCE = 1e-4
 
 @torch.no_grad()
 def response_losses(model: Any, tokenizer: Any, dataset: Any, batch_size: int) -> list[tuple[float, int]]:
-    """Summed cross-entropy and count of the trained (response) tokens of each row of a tokenized split."""
+    """Summed cross-entropy and count of the trained (response) tokens of each row of a tokenized split, the head
+    run only where labels are trained (`losses`) on models that allow it, in fp32."""
     collator = padding_collator(tokenizer)
     model.eval()
+    lean = supports_trained_positions(model)
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset]
     sums: list[tuple[float, int]] = []
     for start in range(0, len(rows), batch_size):
         batch = collator(rows[start : start + batch_size])
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+        if lean:
+            losses, keep = trained_token_losses(model, inputs)
+            row_sums = torch.zeros(len(keep)).index_add_(0, keep.nonzero()[:, 0], losses)
+            sums += [(float(total), int(n)) for total, n in zip(row_sums, keep.sum(1))]
+            continue
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(

@@ -1,0 +1,69 @@
+"""Padding-free attention without a varlen kernel: a padding-free row holds several examples back to back (position
+ids restart at 0 for each). transformers keeps them apart with a block-diagonal mask, so SDPA computes the whole
+row x row score matrix, quadratic in the row's length, although each example only attends to itself. On GPUs
+flash-attention's varlen kernel does the per-example work; where it is absent (CPUs), this attention runs SDPA
+once per example of the row, causal and without a mask, so its cost is the sum of the examples' own squares.
+Registered with transformers' AttentionInterface; anything that is not a padding-free row goes to plain SDPA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "sdpa_padding_free"
+
+
+def segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each example in a padding-free row: where the position ids restart at 0."""
+    starts = (position_ids == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0, *starts]
+    return list(zip(starts, starts[1:] + [len(position_ids)]))
+
+
+def padding_free_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA per example of a padding-free row (batch of one, no cache, restarting position ids), else plain SDPA."""
+    packed = (
+        position_ids is not None
+        and query.shape[0] == 1
+        and query.shape[2] == key.shape[2]
+        and kwargs.get("position_bias") is None
+    )
+    bounds = segments(position_ids[0]) if packed else []
+    if len(bounds) < 2:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outputs = [
+        sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
+        for a, b in bounds
+    ]
+    return torch.cat(outputs, dim=1), None  # [batch, length, heads, head_dim], as sdpa_attention_forward returns
+
+
+AttentionInterface.register(NAME, padding_free_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def use_padding_free_attention(model: Any, max_length: int) -> str | None:
+    """Switch a model that runs SDPA or eager attention to the per-example attention; returns the implementation
+    to restore afterwards, or None where it does not apply (another kernel, or a sliding window shorter than the
+    longest example, which per-example causal attention would not apply)."""
+    config = model.config
+    current = getattr(config, "_attn_implementation", None)
+    window = getattr(config, "sliding_window", None)
+    if current not in ("sdpa", "eager") or (window and window < max_length):
+        return None
+    model.set_attn_implementation(NAME)
+    return current
