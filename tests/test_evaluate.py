@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import DATA, REPO, SLMTUNE, TINY_OVERRIDES, copy_project, run, splits_for, stage_env
 from slmtune.config import compose_params
-from slmtune.evaluation import response_loss
+from slmtune.evaluation import response_loss, response_losses
 from slmtune.inference import generate_answers
 from slmtune.modeling import load_model
 from slmtune.prompting import generation_prompt
@@ -113,8 +113,12 @@ def test_response_loss_matches_the_models_own_loss(tiny_model_dir, tiny_tokenize
 
 
 def test_response_loss_ignores_padding_and_batching(tiny_model_dir, tiny_tokenizer, records):
+    """Each row's summed loss and token count (per-example and per-category figures) whatever its batch."""
     model = load_model(tiny_model_dir)
     data = splits_for(records, tiny_tokenizer, n_train=6, n_val=0)["train"]
+    alone, batched = (response_losses(model, tiny_tokenizer, data, size) for size in (1, 4))
+    assert [n for _, n in alone] == [n for _, n in batched] == [sum(x != -100 for x in r["labels"][1:]) for r in data]
+    assert [s for s, _ in batched] == pytest.approx([s for s, _ in alone], rel=1e-5)
     assert response_loss(model, tiny_tokenizer, data, 1) == pytest.approx(
         response_loss(model, tiny_tokenizer, data, 4), rel=1e-5
     )
