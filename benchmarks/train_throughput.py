@@ -143,6 +143,22 @@ def lora_config(config, **extra):
     return LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout, task_type="CAUSAL_LM", **extra)
 
 
+def peer_arguments(config) -> dict:
+    """What the peers' scripts set: steps, batch size, learning rate, seed; no checkpoints, no reporting."""
+    return {
+        "output_dir": tempfile.mkdtemp(),
+        "max_steps": config.train.max_steps,
+        "per_device_train_batch_size": config.train.batch_size,
+        "learning_rate": config.train.learning_rate,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": config.train.seed,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+
+
 def loss_curve(log_history: list[dict]) -> list[float]:
     return [round(entry["loss"], 4) for entry in log_history if "loss" in entry]
 
@@ -176,18 +192,7 @@ def run_seeds(config, tokenizer, data_dir: Path) -> dict:
         real["tokens"] += sum(sum(f["attention_mask"]) for f in features)
         return collator(features)
 
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(),
-        max_steps=config.train.max_steps,
-        per_device_train_batch_size=config.train.batch_size,
-        learning_rate=config.train.learning_rate,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=config.train.seed,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    args = TrainingArguments(**peer_arguments(config))
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
     result = trainer.train()
     return {
@@ -200,7 +205,8 @@ def run_seeds(config, tokenizer, data_dir: Path) -> dict:
 
 
 def run_trl(config, tokenizer, data_dir: Path | None) -> dict:
-    """TRL SFTTrainer with its defaults on prompt-completion pairs (the chat template applied by TRL)."""
+    """TRL SFTTrainer with its defaults on prompt-completion pairs (the texts the tokenized split holds, chat
+    template included); TRL tokenizes them and trains the completions."""
     import torch
     from datasets import Dataset, load_from_disk
     from trl import SFTConfig, SFTTrainer
@@ -212,19 +218,8 @@ def run_trl(config, tokenizer, data_dir: Path | None) -> dict:
         cut = next(i for i, label in enumerate(labels) if label != -100)
         rows.append({"prompt": tokenizer.decode(ids[:cut]), "completion": tokenizer.decode(ids[cut:])})
     real = {"tokens": 0}
-    args = SFTConfig(
-        output_dir=tempfile.mkdtemp(),
-        max_steps=config.train.max_steps,
-        per_device_train_batch_size=config.train.batch_size,
-        learning_rate=config.train.learning_rate,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=config.train.seed,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),
-    )
+    # TRL's bf16 default needs use_cpu on a machine without a GPU (transformers refuses CPU bf16 otherwise)
+    args = SFTConfig(**peer_arguments(config), use_cpu=not torch.cuda.is_available())
     trainer = SFTTrainer(
         model=config.paths.base_model,
         args=args,
@@ -242,7 +237,6 @@ def run_trl(config, tokenizer, data_dir: Path | None) -> dict:
         return batch
 
     trainer.data_collator = collate
-    trainer.train_dataset = trainer.train_dataset
     result = trainer.train()
     model = trainer.model
     return {
