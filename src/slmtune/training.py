@@ -193,24 +193,20 @@ def training_arguments(
 
 def packs_correctly(model: Any) -> bool:
     """Whether the model keeps the examples of a padding-free row apart: two short sequences concatenated with
-    restarting position ids must give the same logits as each alone. Architectures that derive positions from the
-    attention mask (OPT) mix them, and train on padded batches instead."""
-    vocab = model.get_input_embeddings().num_embeddings
-    first, second = torch.arange(3, 10) % vocab, torch.arange(11, 16) % vocab
+    restarting position ids must give the same logits as each alone. A model whose attention or positions do not
+    follow the position ids (OPT under SDPA's mask: positions from the attention mask) mixes them, and trains on
+    padded batches instead."""
+    embeddings = model.get_input_embeddings()
+    device, vocab = embeddings.weight.device, embeddings.num_embeddings
+    first, second = torch.arange(3, 10, device=device) % vocab, torch.arange(11, 16, device=device) % vocab
+    positions = torch.cat([torch.arange(7, device=device), torch.arange(5, device=device)])[None]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             alone = [model(input_ids=s[None], use_cache=False).logits[0].float() for s in (first, second)]
-            packed = (
-                model(
-                    input_ids=torch.cat([first, second])[None].to(model.device),
-                    position_ids=torch.cat([torch.arange(7), torch.arange(5)])[None].to(model.device),
-                    use_cache=False,
-                )
-                .logits[0]
-                .float()
-            )
+            row = torch.cat([first, second])[None]
+            packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0].float()
     finally:
         model.train(was_training)
     expected = torch.cat(alone)
