@@ -20,6 +20,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .attention import use_padding_free_attention
 from .config import Config
@@ -28,6 +29,7 @@ from .losses import supports_trained_positions, trained_token_losses
 from .modeling import default_target_modules, head_modules, load_model
 from .outputs import write_json
 from .prompting import IGNORE_INDEX, padding_collator
+from .resume import SealCheckpoints
 from .telemetry import MemoryMonitor, StepLog, TokenCounter
 
 
@@ -281,6 +283,27 @@ def split_batch(inputs: dict[str, Any], max_tokens: int) -> list[dict[str, Any]]
     return out
 
 
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped order, drawn from a generator seeded by the data seed and the epoch.
+
+    The stock sampler draws each epoch's order from the global torch RNG when the epoch starts; a run resumed
+    after an epoch boundary draws it before the checkpoint's RNG state is restored, so its order (and every
+    step after) differed from the uninterrupted run's. Seeded per epoch, the order is the same either way;
+    the Trainer (through accelerate's loaders, skipped ones included) calls `set_epoch` before each epoch."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
 class SlmTrainer(Trainer):
     """The Trainer with this project's lean causal-LM step (`lean`): the loss only where labels are trained
     (`losses.trained_token_losses`, also for the validation loss), normalised by the trained tokens of the whole
@@ -296,6 +319,13 @@ class SlmTrainer(Trainer):
             # losses are) and hands the count to compute_loss, whose loss is then already scaled for accumulation
             self.model_accepts_loss_kwargs = True
             self._loss_shifts_labels = True
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+        return sampler
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -374,21 +404,21 @@ def fit(
     splits: Any,
     step_log: StepLog,
     output_dir: str | None = None,
-    resume: bool = False,
+    resume_from: str | None = None,
 ) -> tuple[dict[str, float], dict | None]:
     """Train `model` in place on the tokenized splits, checkpointing into `output_dir` (a scratch folder
-    when None) and resuming from its last checkpoint with `resume`; return losses and throughput, and after
-    FSDP training the full state dict gathered from the shards (else None)."""
+    when None; each checkpoint sealed once complete) and resuming from the checkpoint `resume_from`; return
+    losses and throughput, and after FSDP training the full state dict gathered from the shards (else None)."""
     set_seed(config.train.seed)
     with tempfile.TemporaryDirectory(prefix="slmtune-trainer-") as scratch:
         packed = padding_free(config, model)
         try:
             collator = make_collator(config, tokenizer, packed)
             trainer = build_trainer(
-                config, model, tokenizer, splits, output_dir or scratch, [step_log], collator, packed
+                config, model, tokenizer, splits, output_dir or scratch, [step_log, SealCheckpoints()], collator, packed
             )
             check_world_size(trainer)
-            result = trainer.train(resume_from_checkpoint=True if resume else None)
+            result = trainer.train(resume_from_checkpoint=resume_from)
             val_loss = final_val_loss(trainer) if trainer.eval_dataset is not None else None
         finally:
             restore_attention(model)

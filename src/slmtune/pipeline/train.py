@@ -51,9 +51,12 @@ def run_train(config: Config, adapter_dir: Path | None, train_log: Path | None) 
     fingerprint = resume_fingerprint(config, inputs)
     resumed = resumable_run(checkpoints, fingerprint)
     if resumed:
-        print(f"resuming from the last checkpoint in {checkpoints} (MLflow run {resumed['run_id']})", flush=True)
+        print(
+            f"resuming from the last checkpoint, {resumed['checkpoint']} (MLflow run {resumed['run_id']})", flush=True
+        )
+    resume_from = resumed["checkpoint"] if resumed else None
     if not is_main_process():
-        fit(config, model, tokenizer, splits, StepLog(), str(checkpoints), bool(resumed))
+        fit(config, model, tokenizer, splits, StepLog(), str(checkpoints), resume_from)
         return {}
     resume_id = resumed["run_id"] if resumed else None
     with pipeline_run(config.tracking, "train", system_metrics=True, resume_run_id=resume_id) as run:
@@ -61,8 +64,8 @@ def run_train(config: Config, adapter_dir: Path | None, train_log: Path | None) 
         provenance = _log_inputs(config, counts, inputs)
         if monitor.moments:
             mlflow.log_metrics(monitor.moments)
-        step_log = StepLog(monitor, logged_steps(checkpoints) if resumed else None)
-        metrics, state_dict = fit(config, model, tokenizer, splits, step_log, str(checkpoints), bool(resumed))
+        step_log = StepLog(monitor, logged_steps(Path(resume_from)) if resume_from else None)
+        metrics, state_dict = fit(config, model, tokenizer, splits, step_log, str(checkpoints), resume_from)
         metrics |= {k: round(v, 1) for k, v in monitor.peaks().items()}
         mlflow.log_metrics({k: v for k, v in metrics.items() if k != "steps"})
         save_adapter(model, tokenizer, adapter_dir, state_dict)
