@@ -100,6 +100,8 @@ def test_smollm2_two_by_two_sweep_from_a_fresh_clone(tmp_path: Path):
     (parent,) = [r for r in runs if r.data.tags.get("slmtune.sweep") == "parent"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    for child in children:  # only the experiment's own params; not the clone's outputs that DVC replaced mid-run
+        assert set(child.data.tags["slmtune.git_dirty_files"].split()) <= {"params.yaml"}, child.data.tags
     assert {(c.data.params["method.r"], c.data.params["train.learning_rate"]) for c in children} == {
         (r, lr) for r in ("4", "8") for lr in ("0.0003", "0.001")
     }

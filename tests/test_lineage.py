@@ -7,7 +7,15 @@ import pytest
 import yaml
 
 from conftest import REPO, STAGES, copy_project, imported_code, run
-from slmtune.lineage import check_lineage, dvc_md5, git_state, project_root, stage_code_deps
+from slmtune.config import Config, config_to_dict
+from slmtune.lineage import (
+    check_lineage,
+    dvc_md5,
+    git_state,
+    pipeline_written_files,
+    project_root,
+    stage_code_deps,
+)
 
 
 def test_md5_matches_what_dvc_records(tmp_path):
@@ -43,6 +51,37 @@ def test_git_state_reports_commit_and_dirtiness(tmp_path):
     (tmp_path / "f").write_text("2")
     assert git_state(tmp_path)["dirty"] is True and git_state(tmp_path)["dirty_files"] == ["f"]
     assert git_state("/")["commit"] is None
+
+
+def test_the_pipelines_own_outputs_do_not_make_a_run_dirty(tmp_path):
+    """DVC deletes a stage's committed outputs before running it (a fresh clone's `reports/train_log.csv`
+    while `train` runs): the run is still clean; a changed source file is not."""
+    written = pipeline_written_files(config_to_dict(Config()), REPO / "dvc.yaml")
+    for path in (
+        "dvc.lock",
+        "models/adapter",
+        "reports/train_log.csv",
+        "reports/metrics.json",
+        "reports/data_stats.json",
+    ):
+        assert path in written
+    assert not any(path.startswith(("src/", "conf/", "data/raw")) or path == "params.yaml" for path in written)
+    for name in ("reports/train_log.csv", "models/adapter/adapter_config.json", "dvc.lock", "src/code.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("1")
+    run(["git", "init", "-q"], tmp_path)
+    run(["git", "add", "-A"], tmp_path)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"], tmp_path)
+    (tmp_path / "reports/train_log.csv").unlink()
+    (tmp_path / "models/adapter/adapter_config.json").write_text("2")
+    (tmp_path / "dvc.lock").write_text("2")
+    assert git_state(tmp_path, written)["dirty"] is False and git_state(tmp_path)["dirty"] is True
+    (tmp_path / "src/code.py").write_text("2")
+    assert git_state(tmp_path, written) | {"commit": None} == {
+        "commit": None,
+        "dirty": True,
+        "dirty_files": ["src/code.py"],
+    }
 
 
 def _provenance(tmp_path, config):
@@ -114,6 +153,17 @@ def test_import_closure_follows_relative_imports_inside_functions(tmp_path):
         "src/slmtune/pipeline/train.py",
         "stages/train.py",
     ]
+
+
+def test_editing_the_batch_collator_reruns_train(tiny_trained, tmp_path):
+    project = copy_project(tiny_trained.project, tmp_path)
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], project).stdout
+    prompting = project / "src/slmtune/prompting.py"
+    text = prompting.read_text()
+    assert "def padding_collator(" in text
+    prompting.write_text(text.replace("def padding_collator(", "def padding_collator(  # edited\n    ", 1))
+    dry = run(["dvc", "repro", "--dry", "train"], project).stdout
+    assert "Running stage 'train'" in dry
 
 
 def test_lineage_command_matches_a_fresh_adapter_and_flags_one_changed_byte(tiny_trained, tmp_path):

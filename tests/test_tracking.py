@@ -1,5 +1,6 @@
 """MLflow runs: one per pipeline execution, tagged with its DVC experiment; a store shared by parallel workers."""
 
+import os
 import subprocess
 import sys
 import time
@@ -125,3 +126,30 @@ def test_children_no_stage_resumed_are_closed_from_the_experiment_results(tracki
     assert cached.info.status == "FINISHED" and broken.info.status == "FAILED"
     assert cached.data.metrics == {"test/tuned/loss": 1.25, "test/base/loss": 3.5}
     assert cached.data.params == {"method.r": "4"} and cached.data.tags[ADAPTER_RUN_TAG] == "earlier"
+
+
+def test_a_tracking_server_that_is_down_or_silent_is_refused_at_once(tmp_path: Path, monkeypatch):
+    """One request, no retries, a short timeout: MLflow's own client would retry for minutes."""
+    import socket
+
+    from slmtune import tracking
+    from slmtune.errors import TrackingStoreError
+
+    monkeypatch.setattr(tracking, "PROBE_TIMEOUT_S", 2)
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            down = probe.getsockname()[1]  # nothing listens there once closed
+        for port, reason in ((down, "does not answer"), (silent.getsockname()[1], "does not answer")):
+            start = time.monotonic()
+            with pytest.raises(TrackingStoreError, match=f"http://127.0.0.1:{port}: the MLflow server {reason}"):
+                tracking.check_tracking_store(TrackingConfig(tracking_uri=f"http://127.0.0.1:{port}"))
+            assert time.monotonic() - start < 15
+    readonly = tmp_path / "readonly"
+    readonly.mkdir(mode=0o500)
+    if not os.access(readonly, os.W_OK):  # root writes anywhere
+        with pytest.raises(TrackingStoreError, match="is not writable"):
+            tracking.check_tracking_store(TrackingConfig(tracking_uri=f"sqlite:///{readonly}/mlflow.db"))
+    tracking.check_tracking_store(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/new/mlflow.db"))

@@ -325,6 +325,46 @@ def test_adapter_is_a_standard_peft_adapter(tiny_trained, tiny_model_dir):
     assert steps[0] == "step,loss,learning_rate" and len(steps) == 1 + 6
 
 
+def test_train_stage_stops_before_training_when_tracking_is_down_or_the_disk_is_full(
+    tiny_trained, tmp_path, monkeypatch
+):
+    import shutil
+    import socket
+    import sys
+
+    import yaml
+
+    from slmtune.config import load_config
+    from slmtune.errors import DiskSpaceError
+    from slmtune.pipeline.train import run_train
+
+    project = copy_project(tiny_trained.project, tmp_path)
+    adapter = (project / "models/adapter/adapter_model.safetensors").read_bytes()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens there once closed
+    (project / "params.yaml").write_text(
+        yaml.safe_dump({**params, "tracking": {**params["tracking"], "tracking_uri": down}})
+    )
+    result = subprocess.run(
+        [sys.executable, "-P", "stages/train.py"], cwd=project, env=stage_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: tracking.tracking_uri {down}: the MLflow server")
+    assert not (project / "checkpoints/train").exists()
+    assert (project / "models/adapter/adapter_model.safetensors").read_bytes() == adapter
+
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 50 << 20, 50 << 20)
+    )
+    with pytest.raises(DiskSpaceError, match=r"checkpoints/train: 0.05 GB free on its disk, training .* needs about"):
+        run_train(load_config(), project / "models/adapter", project / "reports/train_log.csv")
+    assert not (project / "checkpoints/train").exists()
+
+
 def test_same_inputs_give_identical_adapter_bytes(tiny_trained, tmp_path):
     tiny_project = copy_project(tiny_trained.project, tmp_path)
     adapter = tiny_project / "models/adapter"

@@ -41,6 +41,14 @@ class ExperimentError(UserError):
     """A sweep or reproduction that cannot go on."""
 
 
+class TrackingStoreError(UserError):
+    """The MLflow tracking store cannot be reached or written."""
+
+
+class DiskSpaceError(UserError):
+    """Not enough free disk space for what a stage is about to write."""
+
+
 class ExportError(UserError):
     """A model that cannot be merged or exported as asked."""
 

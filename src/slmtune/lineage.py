@@ -46,15 +46,37 @@ def _git(args: list[str], cwd: str | Path) -> str | None:
     return out.stdout.rstrip()  # keep leading spaces: `git status --porcelain` columns start with one
 
 
-def git_state(cwd: str | Path = ".") -> dict[str, Any]:
-    """HEAD commit, whether tracked files differ from it and which (None outside a git repository).
+def git_state(cwd: str | Path = ".", written: tuple[str, ...] = ()) -> dict[str, Any]:
+    """HEAD commit, whether tracked files differ from it and which (None outside a git repository), leaving
+    out `written`: files (or folders) the pipeline itself writes, which differ from the commit mid-run.
 
     In a DVC experiment the tree is dirty by design: `params.yaml` (and `dvc.lock`) carry its changes.
     """
     commit = _git(["rev-parse", "HEAD"], cwd)
     status = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
-    files = sorted(line[3:] for line in status.splitlines()) if status else []
-    return {"commit": commit, "dirty": bool(status) if status is not None else None, "dirty_files": files}
+    prefixes = tuple(w.rstrip("/") + "/" for w in written)
+    files = sorted(
+        name
+        for name in (line[3:].split(" -> ")[-1] for line in (status.splitlines() if status else []))
+        if name not in written and not name.startswith(prefixes)
+    )
+    return {"commit": commit, "dirty": bool(files) if status is not None else None, "dirty_files": files}
+
+
+def pipeline_written_files(params: dict[str, Any], dvc_yaml: str | Path = "dvc.yaml") -> tuple[str, ...]:
+    """Every file or folder the pipeline writes: each stage's outs, metrics and plots in `dvc.yaml` (their
+    `${...}` resolved from `params`), and `dvc.lock`."""
+    spec = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8"))
+    flat = flatten(params)
+    written = ["dvc.lock"]
+    for stage in spec["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                path = next(iter(entry)) if isinstance(entry, dict) else entry
+                for key, value in flat.items():
+                    path = path.replace("${" + key + "}", str(value))
+                written.append(Path(path).as_posix())
+    return tuple(written)
 
 
 def file_md5(path: str | Path) -> str:

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import DiskSpaceError
+
 
 @contextmanager
 def staged_outputs(*targets: str | Path) -> Iterator[list[Path]]:
@@ -61,3 +63,15 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSONL file written by `write_jsonl`."""
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def check_free_space(folder: str | Path, needed: int, what: str, fix: str) -> None:
+    """Raise a one-line error when the disk holding `folder` has less than `needed` bytes free."""
+    probe = Path(folder).resolve()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise DiskSpaceError(
+            f"{folder}: {free / 1e9:.2f} GB free on its disk, {what} needs about {needed / 1e9:.2f} GB; {fix}"
+        )

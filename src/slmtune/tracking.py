@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .config import Config, TrackingConfig, flatten
-from .errors import MissingFileError
+from .errors import MissingFileError, TrackingStoreError
 from .lineage import git_state, project_root
 
 MLFLOW_DB = "mlflow.db"
@@ -50,6 +50,42 @@ def tracking_uri(tracking: TrackingConfig, root: Path | None = None) -> str:
     if tracking.tracking_uri:
         return tracking.tracking_uri
     return f"sqlite:///{(root or project_root()) / MLFLOW_DB}?timeout={SQLITE_TIMEOUT_S}"
+
+
+PROBE_TIMEOUT_S = 10
+"""How long the check before training waits for a tracking server (one try: MLflow's own client retries
+for minutes)."""
+
+
+def check_tracking_store(tracking: TrackingConfig) -> None:
+    """Fail fast, in one line, when the tracking store cannot be used: a server that does not answer within
+    PROBE_TIMEOUT_S (one request, no retries), or a local store whose folder cannot be written."""
+    uri = tracking_uri(tracking)
+    scheme = uri.split(":", 1)[0].lower()
+    if scheme in ("http", "https"):
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+        os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(PROBE_TIMEOUT_S))
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as exc:  # connection refused, timeout, DNS, HTTP errors: all mean "cannot use it"
+            reason = " ".join(str(exc).split())[:200]
+            raise TrackingStoreError(
+                f"tracking.tracking_uri {uri}: the MLflow server does not answer ({reason}); start it, fix the URI, "
+                "or set tracking.tracking_uri=null for the embedded store"
+            ) from None
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    elif scheme in ("sqlite", "file"):
+        path = Path(uri.split("?", 1)[0].split(":///", 1)[-1] if scheme == "sqlite" else uri[len("file://") :])
+        folder = path.parent if scheme == "sqlite" else path
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not os.access(folder, os.W_OK):
+            raise TrackingStoreError(f"tracking store {uri}: {folder} is not writable; fix its permissions or the URI")
 
 
 def experiment_tags() -> dict[str, str]:

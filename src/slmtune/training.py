@@ -397,6 +397,19 @@ def check_world_size(trainer: Trainer) -> None:
         )
 
 
+DISK_MARGIN_BYTES = 100 << 20
+"""Logs, trainer state, tokenizer files and MLflow's records beside the weights."""
+
+
+def training_disk_need(config: Config, counts: dict[str, int]) -> int:
+    """Bytes the train stage writes at its peak: the checkpoints it keeps (fp32 trained weights and two Adam
+    moments each: 12 bytes a trained parameter; early stopping may keep the best one more), the adapter (the
+    whole model after full fine-tuning) and its copy in the embedded MLflow store, and a margin."""
+    train = config.train
+    kept = (train.save_total_limit + (train.early_stopping_patience > 0)) if train.save_steps > 0 else 0
+    return counts["trainable"] * (12 * kept + 2 * 4) + DISK_MARGIN_BYTES
+
+
 def fit(
     config: Config,
     model: Any,

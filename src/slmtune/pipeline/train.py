@@ -16,9 +16,17 @@ from datasets import load_from_disk
 from ..config import Config, config_to_dict
 from ..hub import check_hub_push, push_to_hub
 from ..launch import is_main_process
-from ..lineage import PROVENANCE_FILE, code_digests, git_state, input_digests, model_card, package_versions
+from ..lineage import (
+    PROVENANCE_FILE,
+    code_digests,
+    git_state,
+    input_digests,
+    model_card,
+    package_versions,
+    pipeline_written_files,
+)
 from ..modeling import load_tokenizer, parameter_counts
-from ..outputs import write_json
+from ..outputs import check_free_space, write_json
 from ..resume import logged_steps, mark_resumable, resumable_run, resume_fingerprint
 from ..telemetry import MemoryMonitor, StepLog
 from ..tracking import (
@@ -26,19 +34,22 @@ from ..tracking import (
     DIRTY_FILES_TAG,
     EXP_NAME_TAG,
     THREADS_TAG,
+    check_tracking_store,
     experiment_tags,
     log_data_figures,
     log_datasets,
     log_flat_params,
     pipeline_run,
 )
-from ..training import fit, prepare_model, save_adapter
+from ..training import fit, prepare_model, save_adapter, training_disk_need
 
 
 def run_train(config: Config, adapter_dir: Path | None, train_log: Path | None) -> dict[str, Any]:
     """Train; on rank 0 write the adapter folder and the loss log and return the provenance (other ranks:
     nothing written, an empty dict)."""
     check_hub_push(config)
+    if is_main_process():
+        check_tracking_store(config.tracking)  # a server that is down stops us here, not after training
     monitor = MemoryMonitor(config.train.monitor_memory)
     splits = load_from_disk(config.paths.tokenized).select_columns(["input_ids", "labels"])
     tokenizer = load_tokenizer(config.paths.base_model)
@@ -47,6 +58,8 @@ def run_train(config: Config, adapter_dir: Path | None, train_log: Path | None) 
     share = 100 * counts["trainable"] / counts["total"]
     print(f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} || trainable%: {share:.4f}")
     checkpoints = Path(config.paths.checkpoints)
+    fix = "free some space, or lower train.save_total_limit"
+    check_free_space(checkpoints, training_disk_need(config, counts), "training (checkpoints, adapter)", fix)
     inputs = input_digests(config)
     fingerprint = resume_fingerprint(config, inputs)
     resumed = resumable_run(checkpoints, fingerprint)
@@ -90,7 +103,7 @@ def _log_inputs(config: Config, counts: dict[str, int], digests: dict[str, dict[
     """Params, resolved config, git state, parameter counts, dataset digests and data figures of the
     active run; returns the provenance entries they came from (config, git, inputs, code)."""
     resolved = config_to_dict(config)
-    git = git_state()
+    git = git_state(written=pipeline_written_files(resolved))  # the pipeline's own outputs do not make a run dirty
     log_flat_params(resolved)
     mlflow.log_dict(resolved, "config/resolved.yaml")
     threads = torch.get_num_threads()  # float reductions, hence the last bits, depend on it
