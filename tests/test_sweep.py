@@ -1,13 +1,19 @@
 """`slmtune sweep` and `slmtune reproduce`: a Hydra grid as queued DVC experiments under one MLflow parent run."""
 
+import contextlib
+import os
+import re
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_OVERRIDES, make_project, run
+from conftest import TINY_OVERRIDES, make_project, run, stage_env
 from slmtune.errors import ExperimentError
 from slmtune.experiments import metric_direction, sweep_points, swept_keys
 from slmtune.reports.sweep import SweepOutcome, rank_experiments, render_sweep_report
@@ -145,6 +151,75 @@ def test_sweep_with_a_failing_experiment_exits_1_and_a_busy_queue_is_refused(tmp
     busy = run(["slmtune", "sweep", "-S", "method.r=2,4"], project, check=False)
     assert busy.returncode == 1 and "the DVC queue already holds 1 unfinished experiment(s)" in busy.stderr
     assert "dvc queue remove --queued" in busy.stderr and len(busy.stderr.strip().splitlines()) == 1
+
+
+def sweep_processes(project: Path) -> list[str]:
+    """Command lines of the processes still working for `project`: queue workers, experiments, stages."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        with contextlib.suppress(psutil.Error):
+            if str(project) in (process.info["cwd"] or "") and process.pid != os.getpid():
+                found.append(" ".join(process.info["cmdline"] or []))
+    return found
+
+
+@pytest.mark.pipeline
+def test_an_interrupted_sweep_stops_its_workers_and_a_rerun_finishes_only_what_did_not(tmp_path, tiny_model_dir):
+    project = fresh_clone_project(tmp_path, tiny_model_dir)
+    # one quick experiment, one that is still training when the sweep is interrupted
+    command = ["slmtune", "sweep", "-S", "train.max_steps=4,240", "-S", "train.eval_steps=1000", "-j", "1"]
+    log = tmp_path / "sweep.log"
+    with open(log, "w") as output:
+        sweep = subprocess.Popen(command, cwd=project, env=stage_env(), stdout=output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while not re.search(r"\[1/2 done\] \S+: Success.*\n.*: Running", log.read_text(), re.S):
+            assert sweep.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        time.sleep(5)  # into the second experiment's training
+        sweep.send_signal(signal.SIGINT)
+        assert sweep.wait(timeout=180) == 130, log.read_text()
+    printed = log.read_text()
+    assert "sweep interrupted by SIGINT: stopping its experiments and the queue workers" in printed
+    assert "error: sweep interrupted by SIGINT: 1 of 2 experiment(s) finished; run the same command again" in printed
+    deadline = time.monotonic() + 60
+    while sweep_processes(project):
+        assert time.monotonic() < deadline, sweep_processes(project)
+        time.sleep(1)
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["slmtune"], output_format="list")
+    (parent,) = [r for r in runs if r.data.tags.get("slmtune.sweep") == "parent"]
+    assert parent.info.status == "KILLED" and parent.data.tags["slmtune.stopped"] == "sweep interrupted by SIGINT"
+    done = re.search(r"\[1/2 done\] (\S+): Success", printed)[1]
+    children = {r.data.tags["dvc.exp_name"]: r for r in runs if r.info.run_id != parent.info.run_id}
+    (stopped,) = set(children) - {done}
+    assert children[done].info.status == "FINISHED" and children[done].data.params["train.max_steps"] == "4"
+    assert children[stopped].info.status == "KILLED"
+    assert children[stopped].data.tags["slmtune.stopped"] == "sweep interrupted by SIGINT"
+    report = (project / "reports/sweep.md").read_text()
+    assert f"| 1 | `{done}` |" in report and f"`{stopped}`" in report.split("## Interrupted")[1]
+    status = run(["dvc", "queue", "status"], project).stdout
+    assert "Queued" not in status and "Running" not in status
+
+    again = run(command, project)  # the same command: only the unfinished experiment trains
+    runs = mlflow.search_runs(experiment_names=["slmtune"], output_format="list")
+    assert "SCHEDULED" not in {r.info.status for r in runs}
+    (second,) = [
+        r for r in runs if r.data.tags.get("slmtune.sweep") == "parent" and r.info.run_id != parent.info.run_id
+    ]
+    rerun = {
+        r.data.params.get("train.max_steps"): r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == second.info.run_id
+    }
+    assert {k: c.info.status for k, c in rerun.items()} == {"4": "FINISHED", "240": "FINISHED"}, again.stdout
+    quick = run(["dvc", "queue", "logs", rerun["4"].data.tags["dvc.exp_name"]], project).stdout
+    slow = run(["dvc", "queue", "logs", rerun["240"].data.tags["dvc.exp_name"]], project).stdout
+    assert "Running stage 'train'" not in quick and "Stage 'train' is cached - skipping run" in quick, quick
+    assert "Running stage 'train'" in slow
+    assert rerun["4"].data.metrics["test/tuned/loss"] == children[done].data.metrics["test/tuned/loss"]
 
 
 def test_reproduction_mismatch_is_exit_1():

@@ -8,8 +8,10 @@ experiment (the train stage of that experiment resumes it), and a ranked report 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,6 +56,46 @@ EXPERIMENT_FILES = ("params.yaml", "dvc.lock")
 CONFIG_SECTIONS = ("paths", "model", "data", "method", "train", "eval", "tracking")
 POLL_S = 3.0
 METRICS_TOLERANCE = 1e-6
+STOP_WAIT_S = 60.0
+"""How long an interrupted sweep waits for its running experiments to stop on SIGINT before SIGKILL."""
+WORKER_EXIT_S = 60.0
+"""How long an interrupted sweep waits for the idle queue workers to exit."""
+STOPPED_TAG = "slmtune.stopped"
+
+
+class SweepInterrupted(Exception):
+    """SIGINT or SIGTERM reached `slmtune sweep`."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def interruptible() -> Any:
+    """SIGINT and SIGTERM raise `SweepInterrupted` in the block (SIGTERM would otherwise end the process at once,
+    with nothing cleaned up)."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise SweepInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Any:
+    """Ignore SIGINT and SIGTERM while an interrupted sweep cleans up (a second Ctrl-C would leave workers)."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run(
@@ -172,6 +214,53 @@ def wait_for(root: Path, tasks: dict[str, str]) -> dict[str, str]:
         time.sleep(POLL_S)
 
 
+def workers_alive(root: Path) -> bool:
+    """Whether any of this project's queue workers still answers."""
+    with Repo(str(root)) as repo:
+        return bool(repo.experiments.celery_queue.worker_status())
+
+
+def _queue_command(root: Path, *args: str) -> None:
+    """A `dvc queue` command of the clean-up after an interruption: its failure is shown, not raised (the
+    clean-up goes on with the next step)."""
+    result = subprocess.run(["dvc", "queue", *args], cwd=root, capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout or "").strip().splitlines()
+        last = detail[-1] if detail else f"exit {result.returncode}"
+        print(f"warning: `dvc queue {' '.join(args)}` failed: {last}", flush=True)
+
+
+def stop_queue(root: Path, tasks: dict[str, str]) -> dict[str, str]:
+    """Stop an interrupted sweep's experiments and the queue workers: drop the queued ones, interrupt the running
+    ones (SIGINT to each experiment's process group, stages included; SIGKILL after STOP_WAIT_S), wait for the
+    idle workers to exit. Returns name -> final state (Success, Failed, or Killed for those that did not finish)."""
+    status = queue_status(root)
+    # a sweep starts only on an idle queue: anything unfinished there is this sweep's (even if interrupted while
+    # it was still queueing, before it knew every task)
+    tasks = tasks | {rev: task["name"] for rev, task in status.items() if task["status"] not in DONE}
+    states = {name: status.get(rev, {}).get("status", "Queued") for rev, name in tasks.items()}
+    queued = [name for name, state in states.items() if state == "Queued"]
+    if queued:
+        _queue_command(root, "remove", *queued)
+    running = [name for name, state in states.items() if state not in DONE and name not in queued]
+    if running:
+        _queue_command(root, "kill", *running)
+        deadline = time.monotonic() + STOP_WAIT_S
+        while time.monotonic() < deadline:
+            status = queue_status(root)
+            if all(status.get(rev, {}).get("status", "Failed") in DONE for rev, n in tasks.items() if n in running):
+                break
+            time.sleep(1.0)
+        else:
+            _queue_command(root, "kill", "--force", *running)
+    # workers exit on their own once the queue stays empty for 10 s (DVC's temporary workers); a `dvc queue stop`
+    # sent now would stay in the broker when they have gone, and stop the next sweep's worker after one task
+    deadline = time.monotonic() + WORKER_EXIT_S
+    while workers_alive(root) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    return {name: states[name] if states[name] in DONE else "Killed" for name in states}
+
+
 def experiment_rows(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """Name -> flat params and metrics of finished experiments, as `dvc exp show` lists them."""
     rows = {}
@@ -193,13 +282,21 @@ def schedule_child_runs(experiment_id: str, parent_id: str, names: list[str], ba
     return children
 
 
-def close_child_runs(children: dict[str, str], states: dict[str, str], rows: dict[str, dict[str, Any]]) -> None:
+def close_child_runs(
+    children: dict[str, str], states: dict[str, str], rows: dict[str, dict[str, Any]], stopped: str | None = None
+) -> None:
     """Children no stage resumed: FAILED for failed experiments; for experiments DVC restored whole from
-    its run cache, the restored params and metrics, linked to the run that computed them."""
+    its run cache, the restored params and metrics, linked to the run that computed them. After an
+    interruption (`stopped`: why), every child whose experiment did not finish is KILLED, with the reason."""
     client = MlflowClient()
     now = int(time.time() * 1000)
     for name, run_id in children.items():
-        if client.get_run(run_id).info.status != "SCHEDULED":
+        status = client.get_run(run_id).info.status
+        if stopped and states.get(name) == "Killed" and status != "FINISHED":
+            client.set_tag(run_id, STOPPED_TAG, stopped)
+            client.set_terminated(run_id, status="KILLED")
+            continue
+        if status != "SCHEDULED":
             continue
         if states[name] != "Success" or name not in rows:
             client.set_terminated(run_id, status="FAILED")
@@ -244,10 +341,18 @@ def run_sweep(root: Path, overrides: list[str], jobs: int, metric: str, directio
     order = metric_direction(metric, direction)
     points = check_sweep_inputs(root, config, overrides)
     print(f"sweep: {len(points)} experiments; first the shared stages (`dvc repro {UPSTREAM_TARGET}`)", flush=True)
-    _run(["dvc", "repro", UPSTREAM_TARGET], root, capture=False)
+    try:
+        with interruptible():
+            _run(["dvc", "repro", UPSTREAM_TARGET], root, capture=False)
+    except SweepInterrupted as signalled:
+        print(f"error: sweep interrupted by {signalled} before queueing: nothing was queued", file=sys.stderr)
+        return 128 + signalled.signum
     check_tracked(root, config)  # a first run writes dvc.lock: the experiments need it to reuse these stages
     baseline = git_state(root)["commit"]
     experiment_id = open_store(config.tracking)
+    tasks: dict[str, str] = {}
+    children: dict[str, str] = {}
+    stopped = None
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"sweep {' '.join(overrides)}"[:250]) as parent:
         mlflow.set_tags({SWEEP_TAG: "parent", BASELINE_TAG: baseline})
         mlflow.log_params(
@@ -259,22 +364,46 @@ def run_sweep(root: Path, overrides: list[str], jobs: int, metric: str, directio
                 "sweep.size": len(points),
             }
         )
-        tasks = queue_experiments(root, overrides)
-        children = schedule_child_runs(experiment_id, parent.info.run_id, list(tasks.values()), baseline)
-        print(f"queued {', '.join(tasks.values())}; MLflow parent run {parent.info.run_id}", flush=True)
-        start_workers(root, jobs)
-        states = wait_for(root, tasks)
-        rows = experiment_rows(root, [name for name, state in states.items() if state == "Success"])
-        close_child_runs(children, states, rows)
-        outcome = SweepOutcome(rows, states, children, swept_keys(overrides), metric, order, parent.info.run_id)
-        summary = write_sweep_report(config, outcome)
-        mlflow.log_artifact(config.paths.sweep_report, "sweep")
-        mlflow.log_artifact(config.paths.sweep_plot, "sweep")
-        if summary["best"]:
-            mlflow.set_tag("slmtune.best_exp", summary["best"])
-            mlflow.log_metric(f"best/{metric}", summary["best_value"])
-    failed = [name for name, state in states.items() if state != "Success"]
+        try:
+            with interruptible():
+                tasks = queue_experiments(root, overrides)
+                children = schedule_child_runs(experiment_id, parent.info.run_id, list(tasks.values()), baseline)
+                print(f"queued {', '.join(tasks.values())}; MLflow parent run {parent.info.run_id}", flush=True)
+                start_workers(root, jobs)
+                states = wait_for(root, tasks)
+        except SweepInterrupted as signalled:
+            signum = signalled.signum
+            with uninterrupted():
+                stopped = f"sweep interrupted by {signalled}"
+                print(f"{stopped}: stopping its experiments and the queue workers", flush=True)
+                states = stop_queue(root, tasks)
+                missing = [name for name in tasks.values() if name not in children]  # stopped while scheduling
+                children |= schedule_child_runs(experiment_id, parent.info.run_id, missing, baseline)
+        with uninterrupted() if stopped else contextlib.nullcontext():
+            rows = experiment_rows(root, [name for name, state in states.items() if state == "Success"])
+            close_child_runs(children, states, rows, stopped)
+            outcome = SweepOutcome(
+                rows, states, children, swept_keys(overrides), metric, order, parent.info.run_id, stopped
+            )
+            summary = write_sweep_report(config, outcome)
+            mlflow.log_artifact(config.paths.sweep_report, "sweep")
+            mlflow.log_artifact(config.paths.sweep_plot, "sweep")
+            if summary["best"]:
+                mlflow.set_tag("slmtune.best_exp", summary["best"])
+                mlflow.log_metric(f"best/{metric}", summary["best_value"])
+            if stopped:
+                mlflow.set_tag(STOPPED_TAG, stopped)
+                mlflow.end_run(status="KILLED")
     print(f"wrote {config.paths.sweep_report} and {config.paths.sweep_plot}; best: {summary['best']}", flush=True)
+    if stopped:
+        finished = sum(state == "Success" for state in states.values())
+        print(
+            f"error: {stopped}: {finished} of {len(states)} experiment(s) finished; run the same command again to "
+            "finish the others (finished ones are restored from DVC's run cache, not trained again)",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    failed = [name for name, state in states.items() if state != "Success"]
     if failed:
         print(
             f"error: {len(failed)} experiment(s) failed: {', '.join(failed)}; see `dvc queue logs <name>`",

@@ -29,6 +29,8 @@ class SweepOutcome:
     """min or max."""
     parent_id: str
     """The sweep's MLflow parent run."""
+    stopped: str | None = None
+    """Why the sweep stopped before every experiment finished (an interruption), or None."""
 
     def ranked(self) -> list[str]:
         return rank_experiments(self.rows, self.metric, self.order)
@@ -57,7 +59,8 @@ def render_sweep_report(sweep: SweepOutcome, plot_link: str) -> str:
         row = rows[name]
         values = [short_number(row.get(k)) for k in (*swept, *metrics)]
         lines.append("| " + " | ".join([str(rank), f"`{name}`", *values, f"`{sweep.children.get(name, '')}`"]) + " |")
-    failed = sorted(name for name, state in sweep.states.items() if state != "Success")
+    failed = sorted(name for name, state in sweep.states.items() if state not in ("Success", "Killed"))
+    killed = sorted(name for name, state in sweep.states.items() if state == "Killed")
     best = ranked[0] if ranked else None
     better = "lower" if sweep.order == "min" else "higher"
     parts = [
@@ -72,6 +75,14 @@ def render_sweep_report(sweep: SweepOutcome, plot_link: str) -> str:
             f"## Best configuration\n\n`{best}`: {settings}, `{metric}` = {short_number(rows[best].get(metric))}.\n\n"
             f"Bring it into the workspace with `dvc exp apply {best}` (its params, dvc.lock and outputs), "
             "then commit.\n"
+        )
+    if sweep.stopped:
+        parts.append(
+            f"## Interrupted\n\n{sweep.stopped[0].upper() + sweep.stopped[1:]}: {len(rows)} of {len(sweep.states)} "
+            "experiments finished. Not finished (stopped, their MLflow runs KILLED): "
+            + (", ".join(f"`{name}`" for name in killed) or "none")
+            + ". Run the same `slmtune sweep` command again to finish them: the finished ones are restored from "
+            "DVC's run cache, not trained again.\n"
         )
     if failed:
         parts.append("## Failed\n\n" + "\n".join(f"- `{name}`: see `dvc queue logs {name}`" for name in failed) + "\n")
