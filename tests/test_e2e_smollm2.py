@@ -86,6 +86,23 @@ def test_smollm2_lowers_test_loss_for_the_other_main_data_formats(smollm2_base, 
     assert "## Rows per source and split" in (project / "reports/data_report.md").read_text()
 
 
+def test_smollm2_killed_one_step_past_the_first_epoch_resumes_to_the_same_adapter_bytes(smollm2_base, tmp_path: Path):
+    """company_kb: 86 training examples in batches of 8, 11 steps an epoch; SIGKILL once checkpoint-12 exists."""
+    from test_train import kill_at_checkpoint, losses
+
+    settings = ["train.max_steps=24", "train.save_steps=6", "train.eval_steps=12"]
+    whole = copy_project(smollm2_base, tmp_path / "whole")
+    killed = copy_project(smollm2_base, tmp_path / "killed")
+    for project in (whole, killed):
+        run(["slmtune", "params", *SMALL_RUN, *settings], project)
+    run(["dvc", "repro", "train"], whole)
+    kill_at_checkpoint(killed, 12)
+    assert "checkpoint-12 (MLflow run" in run(["dvc", "repro", "train"], killed).stdout
+    assert losses(killed) == losses(whole) and len(losses(whole)) == 24
+    adapter = "models/adapter/adapter_model.safetensors"
+    assert (killed / adapter).read_bytes() == (whole / adapter).read_bytes()
+
+
 def test_smollm2_two_by_two_sweep_from_a_fresh_clone(tmp_path: Path):
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(REPO), str(clone)], tmp_path)
