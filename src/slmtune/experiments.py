@@ -72,30 +72,29 @@ class SweepInterrupted(Exception):
 
 
 @contextlib.contextmanager
+def _stop_signals(handler: Any) -> Any:
+    """SIGINT and SIGTERM handled by `handler` in the block, as before after it."""
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise SweepInterrupted(signum)
+
+
 def interruptible() -> Any:
     """SIGINT and SIGTERM raise `SweepInterrupted` in the block (SIGTERM would otherwise end the process at once,
     with nothing cleaned up)."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise SweepInterrupted(signum)
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return _stop_signals(_raise_interrupted)
 
 
-@contextlib.contextmanager
 def uninterrupted() -> Any:
-    """Ignore SIGINT and SIGTERM while an interrupted sweep cleans up (a second Ctrl-C would leave workers)."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    """SIGINT and SIGTERM ignored while an interrupted sweep cleans up (a second Ctrl-C would leave workers)."""
+    return _stop_signals(signal.SIG_IGN)
 
 
 def _run(
@@ -292,7 +291,7 @@ def close_child_runs(
     now = int(time.time() * 1000)
     for name, run_id in children.items():
         status = client.get_run(run_id).info.status
-        if stopped and states.get(name) == "Killed" and status != "FINISHED":
+        if stopped and states.get(name) == "Killed":  # even if its train stage had finished (and closed the run)
             client.set_tag(run_id, STOPPED_TAG, stopped)
             client.set_terminated(run_id, status="KILLED")
             continue
