@@ -21,6 +21,7 @@ from typing import Any
 
 import dvc.api
 import mlflow
+import psutil
 import yaml
 from dvc.repo import Repo
 from dvc.utils.hydra import get_hydra_sweeps, to_hydra_overrides
@@ -57,7 +58,7 @@ CONFIG_SECTIONS = ("paths", "model", "data", "method", "train", "eval", "trackin
 POLL_S = 3.0
 METRICS_TOLERANCE = 1e-6
 STOP_WAIT_S = 60.0
-"""How long an interrupted sweep waits for its running experiments to stop on SIGINT before SIGKILL."""
+"""How long an interrupted sweep waits for DVC to mark its stopped experiments done."""
 WORKER_EXIT_S = 60.0
 """How long an interrupted sweep waits for the idle queue workers to exit."""
 STOPPED_TAG = "slmtune.stopped"
@@ -219,6 +220,26 @@ def workers_alive(root: Path) -> bool:
         return bool(repo.experiments.celery_queue.worker_status())
 
 
+def end_experiment_processes(root: Path, grace_s: float = 10.0) -> None:
+    """End every process working in the queue's temporary workspaces (experiments and their stages). DVC's
+    `queue kill` sends SIGINT, which the queue's processes inherit as ignored: what is still there after a
+    moment gets SIGTERM, then SIGKILL after `grace_s`."""
+    temp = str(root / ".dvc" / "tmp" / "exps") + os.sep
+    processes = []
+    for process in psutil.process_iter(["cwd"]):
+        if process.pid != os.getpid() and ((process.info["cwd"] or "") + os.sep).startswith(temp):
+            processes.append(process)
+    _, alive = psutil.wait_procs(processes, timeout=2.0)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5.0)
+
+
 def _queue_command(root: Path, *args: str) -> None:
     """A `dvc queue` command of the clean-up after an interruption: its failure is shown, not raised (the
     clean-up goes on with the next step)."""
@@ -231,8 +252,9 @@ def _queue_command(root: Path, *args: str) -> None:
 
 def stop_queue(root: Path, tasks: dict[str, str]) -> dict[str, str]:
     """Stop an interrupted sweep's experiments and the queue workers: drop the queued ones, interrupt the running
-    ones (SIGINT to each experiment's process group, stages included; SIGKILL after STOP_WAIT_S), wait for the
-    idle workers to exit. Returns name -> final state (Success, Failed, or Killed for those that did not finish)."""
+    ones (`dvc queue kill`, then SIGTERM / SIGKILL to whatever still runs in their workspaces, stages included),
+    wait for the idle workers to exit. Returns name -> final state (Success, Failed, or Killed for those that did
+    not finish)."""
     status = queue_status(root)
     # a sweep starts only on an idle queue: anything unfinished there is this sweep's (even if interrupted while
     # it was still queueing, before it knew every task)
@@ -244,14 +266,13 @@ def stop_queue(root: Path, tasks: dict[str, str]) -> dict[str, str]:
     running = [name for name, state in states.items() if state not in DONE and name not in queued]
     if running:
         _queue_command(root, "kill", *running)
+        end_experiment_processes(root)
         deadline = time.monotonic() + STOP_WAIT_S
         while time.monotonic() < deadline:
             status = queue_status(root)
             if all(status.get(rev, {}).get("status", "Failed") in DONE for rev, n in tasks.items() if n in running):
                 break
             time.sleep(1.0)
-        else:
-            _queue_command(root, "kill", "--force", *running)
     # workers exit on their own once the queue stays empty for 10 s (DVC's temporary workers); a `dvc queue stop`
     # sent now would stay in the broker when they have gone, and stop the next sweep's worker after one task
     deadline = time.monotonic() + WORKER_EXIT_S
