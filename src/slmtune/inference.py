@@ -5,6 +5,7 @@ to the pipeline's latest adapter."""
 from __future__ import annotations
 
 import json
+import select
 import signal
 import sys
 from pathlib import Path
@@ -83,6 +84,16 @@ def generation_kwargs(tokenizer: Any, max_new_tokens: int, temperature: float, t
     return kwargs
 
 
+def read_line(stdin: TextIO) -> str:
+    """One line of input. From a terminal, wait in short `select` slices: the interpreter then gets back to
+    Python between them and raises KeyboardInterrupt for a Ctrl-C whose signal the kernel handed to another thread
+    (PyTorch's); a `readline` blocked in C would not see it until the next line arrives."""
+    if stdin.isatty():
+        while not select.select([stdin], [], [], 0.2)[0]:
+            pass
+    return stdin.readline()
+
+
 def chat(
     config: Config,
     adapter_spec: str | None,
@@ -109,7 +120,7 @@ def chat(
     try:
         while True:
             print("you> ", end="", file=stdout, flush=True)
-            line = stdin.readline()
+            line = read_line(stdin)
             if not line:  # Ctrl-D
                 break
             question = line.strip()
