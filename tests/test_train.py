@@ -1,15 +1,16 @@
 """The train stage: batches, adapters and determinism on a tiny Llama; every method, architecture and task
 through `dvc repro`; training controls, resume after a kill, two-process DDP, the hub push check."""
 
+import contextlib
 import csv
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 import torch
 from safetensors import safe_open
@@ -26,6 +27,7 @@ from conftest import (
     stage_env,
 )
 from slmtune.config import Config, TrackingConfig, compose_params
+from slmtune.errors import ConfigError
 from slmtune.lineage import file_md5
 from slmtune.modeling import load_model
 from slmtune.prompting import IGNORE_INDEX
@@ -602,8 +604,9 @@ def adapter_weights(project: Path) -> dict:
 
 
 def kill_at_checkpoint(project: Path, step: int) -> str:
-    """Start `dvc repro train`, SIGKILL it (and its stage) once checkpoint-`step` is complete (sealed); return
-    what it printed."""
+    """Start `dvc repro train`, SIGKILL it and every process under it (the stage; under `accelerate launch`
+    the ranks, which torchrun starts in sessions of their own) once checkpoint-`step` is complete (sealed);
+    return what it printed."""
     log = project.parent / f"train-until-{step}.log"
     with open(log, "w") as output:
         process = subprocess.Popen(
@@ -620,7 +623,10 @@ def kill_at_checkpoint(project: Path, step: int) -> str:
             assert process.poll() is None, f"training ended before checkpoint-{step}:\n{log.read_text()}"
             assert time.monotonic() < deadline, f"no checkpoint-{step} after 300 s"
             time.sleep(0.02)
-        os.killpg(process.pid, signal.SIGKILL)
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        for each in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                each.kill()
         process.wait()
     return log.read_text()
 
@@ -775,6 +781,91 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_
     final = [validation_loss(p, tiny_model_dir) for p in (one, two)]
     gained = validation_loss(one, tiny_model_dir, adapter=False) - final[0]
     assert gained > 0.05 and final[1] == pytest.approx(final[0], abs=1e-3 * gained)
+
+
+FSDP2_ON_CPU = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: 2
+mixed_precision: 'no'
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_reshard_after_forward: true
+"""
+
+
+@pytest.mark.pipeline
+def test_fsdp2_on_two_cpu_processes_trains_like_one_and_resumes_from_its_sharded_checkpoint(tmp_path, tiny_model_dir):
+    """`accelerate launch` with an FSDP2 config, two CPU processes over gloo with n/2 examples each, against one
+    process with n: every parameter sharded (each checkpoint holds one shard per rank), killed once checkpoint-6
+    exists and resumed from that sharded checkpoint, and still the one process's loss at every step; rank 0
+    saves the adapter gathered from the shards. The global batch is the whole training split, as in the DDP
+    test (a last, short batch of an epoch would be evened out across the ranks with repeated examples)."""
+    from datasets import load_from_disk
+    from peft import PeftModel
+
+    config_file = tmp_path / "fsdp2.yaml"
+    config_file.write_text(FSDP2_ON_CPU)
+    common = [
+        f"model.source={tiny_model_dir}",
+        "model.gguf_file=null",
+        *TINY_OVERRIDES,
+        "train.max_steps=8",
+        "train.save_steps=3",
+        "train.eval_steps=4",
+        "train.learning_rate=1e-2",
+        "method.dropout=0.0",  # each rank draws its own dropout masks
+        "train.precision=fp32",  # bf16 roundings differ with the batch shapes of one and two processes
+    ]
+    one = make_project(tmp_path / "one", common)
+    run(["dvc", "repro", "tokenize"], one)
+    n = len(load_from_disk(str(one / "data/tokenized"))["train"])
+    assert n % 2 == 0
+    compose_params(one, one / "params.yaml", [*common, f"train.batch_size={n}"])
+    two = copy_project(one, tmp_path / "two")
+    sharded = [f"train.batch_size={n // 2}", "train.num_processes=2", f"train.accelerate_config={config_file}"]
+    compose_params(two, two / "params.yaml", [*common, *sharded])
+    run(["dvc", "repro", "train"], one)
+
+    printed = kill_at_checkpoint(two, 6)
+    assert "parameters sharded over 2 processes (FSDP2)" in printed
+    checkpoint = two / "checkpoints/train/checkpoint-6"
+    for kind in ("pytorch_model_fsdp_0", "optimizer_0"):  # torch.distributed.checkpoint: a file per rank
+        assert sorted(p.name for p in (checkpoint / kind).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (checkpoint / "adapter_model.safetensors").exists()  # DDP would save the whole adapter
+    resumed = run(["dvc", "repro", "train"], two)
+    said = resumed.stdout + resumed.stderr
+    assert said.count("resuming from the last checkpoint, checkpoints/train/checkpoint-6") == 1  # rank 0 alone
+
+    assert [s for s, _ in losses(one)] == [s for s, _ in losses(two)] == list(range(1, 9))
+    for (_, a), (_, b) in zip(losses(one), losses(two)):
+        assert b == pytest.approx(a, rel=1e-5)
+    ours, theirs = adapter_weights(two), adapter_weights(one)
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:  # float summation order differs (gradients reduce-scattered); Adam scales tiny gradients up
+        assert (ours[name] - theirs[name]).abs().max() <= 1e-3 * theirs[name].abs().max(), name
+    metrics = json.loads((two / "models/adapter/provenance.json").read_text())["metrics"]
+    assert metrics["sharded"] == 1.0 and metrics["processes"] == 2.0
+    PeftModel.from_pretrained(load_model(tiny_model_dir), two / "models/adapter")  # a standard adapter
+
+
+def test_an_accelerate_config_that_cannot_run_on_cpu_is_refused_before_launch(tmp_path, monkeypatch):
+    from slmtune.launch import check_accelerate_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = Config()
+    config.train.accelerate_config = str(tmp_path / "fsdp.yaml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        check_accelerate_config(config)
+    for change, refusal in (("fsdp_version: 2", "fsdp_version: 1"), ("num_machines", "use_cpu: true\nnum_machines")):
+        (tmp_path / "fsdp.yaml").write_text(FSDP2_ON_CPU.replace(change, refusal))
+        with pytest.raises(ConfigError, match="fsdp.yaml: (FSDP on CPU processes needs FSDP2|use_cpu: true)"):
+            check_accelerate_config(config)
+    (tmp_path / "fsdp.yaml").write_text(FSDP2_ON_CPU)
+    check_accelerate_config(config)
 
 
 @pytest.mark.pipeline

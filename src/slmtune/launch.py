@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
+import yaml
 
 from .config import Config
+from .errors import ConfigError
 from .hub import check_hub_push
 
 
@@ -35,16 +38,42 @@ def launch_command(config: Config, script: str) -> tuple[list[str], dict[str, st
         command += ["--config_file", config.train.accelerate_config]
     else:
         command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        if not torch.cuda.is_available():
-            threads = max(1, (os.cpu_count() or 1) // config.train.num_processes)
-            command += ["--num_cpu_threads_per_process", str(threads)]
-            env["ACCELERATE_USE_CPU"] = "true"
+    if not torch.cuda.is_available():
+        threads = max(1, (os.cpu_count() or 1) // config.train.num_processes)
+        command += ["--num_cpu_threads_per_process", str(threads)]
+        env["ACCELERATE_USE_CPU"] = "true"
     return command + [script], env
+
+
+def check_accelerate_config(config: Config) -> None:
+    """Refuse, before launching, an accelerate config that cannot run here: a missing file, or FSDP on CPU
+    processes other than FSDP2 (FSDP1 needs a GPU) or with `use_cpu: true` (accelerate would then start one
+    process; the stage itself tells accelerate, without a GPU, that the processes are CPU ones)."""
+    path = config.train.accelerate_config
+    if not path:
+        return
+    try:
+        settings = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"train.accelerate_config: cannot read {path} ({error}).") from error
+    if settings.get("distributed_type") != "FSDP" or torch.cuda.is_available():
+        return
+    if settings.get("use_cpu"):
+        raise ConfigError(
+            f"{path}: use_cpu: true with FSDP makes accelerate start a single process; remove it (without a GPU "
+            "the train stage runs the processes on CPU)."
+        )
+    if int((settings.get("fsdp_config") or {}).get("fsdp_version", 1)) != 2:
+        raise ConfigError(
+            f"{path}: FSDP on CPU processes needs FSDP2 (torch's fully_shard; FSDP1 needs a GPU): set "
+            "fsdp_config.fsdp_version: 2."
+        )
 
 
 def launch_distributed(config: Config, script: str) -> None:
     """Run the train stage `script` under `accelerate launch`. Raises if any rank fails."""
     check_hub_push(config)
+    check_accelerate_config(config)
     command, env = launch_command(config, script)
     print("launching: " + " ".join(command[1:]), flush=True)
     result = subprocess.run(command, env=env, check=False)

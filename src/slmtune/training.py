@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     DataCollatorWithFlattening,
@@ -304,6 +306,25 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         return super().__iter__()
 
 
+def shard_cpu_processes(accelerator: Any) -> bool:
+    """Turn FSDP on for CPU processes launched with an FSDP config; True when it did.
+
+    accelerate (1.15) enables FSDP for accelerator devices only: CPU processes launched with an FSDP config
+    quietly trained as DDP (each holding the whole model). torch's FSDP2 (`fully_shard`) shards over gloo, so
+    the state is switched as accelerate itself switches it on a GPU, and its FSDP2 path (`fully_shard` per
+    decoder layer, sharded checkpoints, the full state dict gathered for saving) does the rest."""
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or os.environ.get("ACCELERATE_USE_FSDP") != "true":
+        return False
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables (FSDP2: launch.py checked)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    # both shared states, as accelerate does: the Accelerator reads one, PartialState (and its helpers) the other
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
+
+
 class SlmTrainer(Trainer):
     """The Trainer with this project's lean causal-LM step (`lean`): the loss only where labels are trained
     (`losses.trained_token_losses`, also for the validation loss), normalised by the trained tokens of the whole
@@ -319,6 +340,11 @@ class SlmTrainer(Trainer):
             # losses are) and hands the count to compute_loss, whose loss is then already scaled for accumulation
             self.model_accepts_loss_kwargs = True
             self._loss_shifts_labels = True
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if shard_cpu_processes(self.accelerator):
+            self.is_fsdp_enabled = True
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         sampler = super()._get_train_sampler(train_dataset)
@@ -431,6 +457,9 @@ def fit(
                 config, model, tokenizer, splits, output_dir or scratch, [step_log, SealCheckpoints()], collator, packed
             )
             check_world_size(trainer)
+            if trainer.is_fsdp_enabled and trainer.accelerator.is_main_process:
+                version = trainer.accelerator.state.fsdp_plugin.fsdp_version
+                print(f"parameters sharded over {trainer.args.world_size} processes (FSDP{version})", flush=True)
             result = trainer.train(resume_from_checkpoint=resume_from)
             val_loss = final_val_loss(trainer) if trainer.eval_dataset is not None else None
         finally:
@@ -441,6 +470,8 @@ def fit(
             "padding_free": float(packed),
             "bf16": float(use_bf16(config.train)),
             "gradient_checkpointing": float(trainer.args.gradient_checkpointing),
+            "processes": float(trainer.args.world_size),
+            "sharded": float(trainer.is_fsdp_enabled),
             "steps": float(result.global_step),
             "train_runtime_s": runtime,
             "tokens_per_second": collator.tokens / runtime if runtime else 0.0,

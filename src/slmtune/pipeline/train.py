@@ -63,7 +63,7 @@ def run_train(config: Config, adapter_dir: Path | None, train_log: Path | None) 
     inputs = input_digests(config)
     fingerprint = resume_fingerprint(config, inputs)
     resumed = resumable_run(checkpoints, fingerprint)
-    if resumed:
+    if resumed and is_main_process():
         print(
             f"resuming from the last checkpoint, {resumed['checkpoint']} (MLflow run {resumed['run_id']})", flush=True
         )
