@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,10 +35,15 @@ def launch_command(config: Config, script: str) -> tuple[list[str], dict[str, st
     that stages/ does not shadow modules."""
     env = dict(os.environ, PYTHONSAFEPATH="1")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(config.train.num_processes)]
+    settings = accelerate_settings(config)
     if config.train.accelerate_config:
         command += ["--config_file", config.train.accelerate_config]
     else:
         command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if int(settings.get("num_machines", 1)) == 1 and "main_process_port" not in settings:
+        # torchrun's fixed default (29500) would make two trainings on one machine (a sweep's parallel
+        # experiments) meet each other's rendezvous
+        command += ["--main_process_port", str(free_port())]
     if not torch.cuda.is_available():
         threads = max(1, (os.cpu_count() or 1) // config.train.num_processes)
         command += ["--num_cpu_threads_per_process", str(threads)]
@@ -45,17 +51,30 @@ def launch_command(config: Config, script: str) -> tuple[list[str], dict[str, st
     return command + [script], env
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now, for one job's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def accelerate_settings(config: Config) -> dict:
+    """The settings of `train.accelerate_config` ({} without one)."""
+    path = config.train.accelerate_config
+    if not path:
+        return {}
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"train.accelerate_config: cannot read {path} ({error}).") from error
+
+
 def check_accelerate_config(config: Config) -> None:
     """Refuse, before launching, an accelerate config that cannot run here: a missing file, or FSDP on CPU
     processes other than FSDP2 (FSDP1 needs a GPU) or with `use_cpu: true` (accelerate would then start one
     process; the stage itself tells accelerate, without a GPU, that the processes are CPU ones)."""
+    settings = accelerate_settings(config)
     path = config.train.accelerate_config
-    if not path:
-        return
-    try:
-        settings = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"train.accelerate_config: cannot read {path} ({error}).") from error
     if settings.get("distributed_type") != "FSDP" or torch.cuda.is_available():
         return
     if settings.get("use_cpu"):
