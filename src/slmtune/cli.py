@@ -70,6 +70,14 @@ def generate_command(args: argparse.Namespace) -> int:
     return generate_file(config, args.adapter, Path(args.input), Path(args.output), batch_size, max_new_tokens)
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    """An OpenAI-compatible HTTP API for the fine-tuned model."""
+    from .serve import serve
+
+    api_key = args.api_key or os.environ.get("SLMTUNE_API_KEY") or None
+    return serve(_config(args), args.adapter, args.host, args.port, api_key, args.model_name, args.max_new_tokens)
+
+
 def merge_command(args: argparse.Namespace) -> int:
     """Merge the adapter into the base; parity check against base + adapter."""
     from .export import merge_adapter
@@ -153,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, help="longest answer (default: eval.max_new_tokens)")
     generate.add_argument("--root", default=".", help="project root (default: .)")
     generate.set_defaults(handler=generate_command)
+
+    serve = commands.add_parser(
+        "serve", help="serve the fine-tuned model over an OpenAI-compatible API (/v1/chat/completions, streamed)"
+    )
+    serve.add_argument("--adapter", help=adapter_help + "; or a merged model folder")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    serve.add_argument(
+        "--api-key", help="require `Authorization: Bearer KEY` (default: $SLMTUNE_API_KEY); needed beyond loopback"
+    )
+    serve.add_argument("--model-name", default="slmtune", help="the model id clients send (default: slmtune)")
+    serve.add_argument("--max-new-tokens", type=int, default=256, help="longest answer without max_tokens (256)")
+    serve.add_argument("--root", default=".", help="project root (default: .)")
+    serve.set_defaults(handler=serve_command)
 
     merge = commands.add_parser("merge", help="merge the adapter into the base: a standalone model, parity-checked")
     merge.add_argument("--adapter", help=adapter_help)
