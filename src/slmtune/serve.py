@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from transformers import TextIteratorStreamer, set_seed
 
 from .config import Config, DataConfig
@@ -139,9 +140,7 @@ def build_app(
                 ),
                 media_type="text/event-stream",
             )
-        # FastAPI runs plain functions in its thread pool, so the server keeps answering while this generates
-        from starlette.concurrency import run_in_threadpool
-
+        # in the thread pool, so that the server keeps answering (and refusing) while this generates
         text, tokens, finish = await run_in_threadpool(answer, ids, kwargs, seed_value)
         return {
             "id": completion_id,
