@@ -47,9 +47,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if PIPELINE_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.pipeline)
-    # Longest first (real model, then pipelines, then the rest; file order within each): on xdist workers
-    # with work stealing, a minutes-long test then never starts last while the other worker has nothing left.
-    items.sort(key=lambda item: (not item.get_closest_marker("e2e"), not item.get_closest_marker("pipeline")))
 
 
 def sample_texts() -> list[str]:
