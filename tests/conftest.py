@@ -70,6 +70,7 @@ def stage_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
     env.pop("DVC_ROOT", None)
+    env.pop("TQDM_DISABLE", None)  # importing slmtune here, without a terminal, set it; a stage decides for itself
     return env
 
 

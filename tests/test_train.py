@@ -55,6 +55,7 @@ def tiny_config(**train):
     config.train.max_steps, config.train.learning_rate, config.train.batch_size = 12, 1e-2, 4
     config.train.eval_steps, config.train.warmup_ratio = 6, 0.0
     config.train.precision = "fp32"  # exact comparisons; bf16 autocast has its own tests
+    config.data.max_length = 256
     for key, value in train.items():
         setattr(config.train, key, value)
     return config

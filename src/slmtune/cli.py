@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import PARAMS_FILE, Config, compose_params, config_to_dict, load_config, params_are_current
 from .errors import ConfigError, exit_code_of
+from .progress import quiet_libraries
 
 
 def params_command(args: argparse.Namespace) -> int:
@@ -28,6 +29,13 @@ def params_command(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> Config:
     os.chdir(args.root)
     return load_config()
+
+
+def data_add_command(args: argparse.Namespace) -> int:
+    """Recognise a data file, validate it, write its conf/data preset and make it the pipeline's data."""
+    from .intake import add_data
+
+    return add_data(Path(args.root), args.file, args.name, args.force)
 
 
 def lineage_command(args: argparse.Namespace) -> int:
@@ -103,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--check", action="store_true", help="fail if params.yaml differs from conf/")
     params.add_argument("--root", default=".", help="project root holding conf/ (default: .)")
     params.set_defaults(handler=params_command)
+
+    data = commands.add_parser("data", help="bring your own data: `slmtune data add FILE`")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    add = data_commands.add_parser(
+        "add",
+        help="recognise a data file's shape, validate every row, measure token lengths, write conf/data/<name>.yaml, "
+        "make it the default and compose params.yaml",
+    )
+    add.add_argument("file", help="CSV, JSONL, JSON, Parquet, .txt or a save_to_disk folder (copied to data/raw/)")
+    add.add_argument("--name", help="preset and source name (default: from the file name)")
+    add.add_argument("--force", action="store_true", help="replace an existing conf/data/<name>.yaml")
+    add.add_argument("--root", default=".", help="project root (default: .)")
+    add.set_defaults(handler=data_add_command)
 
     lineage = commands.add_parser(
         "lineage", help="show an adapter's provenance and re-check its inputs (exit 1 on mismatch)"
@@ -197,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     return exit_code_of(lambda: args.handler(args))
 
 

@@ -169,8 +169,10 @@ class DataConfig:
     """Jinja chat template used when template=custom (same variables as a tokenizer chat template)."""
     system_prompt: Optional[str] = None
     """System message for records without one; null keeps the template's own default."""
-    max_length: int = 256
-    """Longest token sequence (the chunk length for raw text)."""
+    max_length: Optional[int] = None
+    """Longest token sequence (the chunk length for raw text); null: chosen from the data by the tokenize stage,
+    the longest example within the model's context (raw text: 1024-token chunks within it), stated in the data
+    report. Longer rows (above the context, when null) follow on_invalid, or truncate."""
     truncate: bool = False
     """Cut examples longer than max_length (and count them) instead of treating them as invalid."""
     train_on_prompt: bool = False
@@ -184,6 +186,11 @@ class DataConfig:
                 f"(got {self.val_fraction} + {self.test_fraction})."
             )
         _one_of(where, "data.on_invalid", self.on_invalid, ("fail", "skip"))
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(
+                f"{where}: data.max_length must be at least 1, or null to choose it from the data (got "
+                f"{self.max_length})."
+            )
         _one_of(where, "data.template", self.template, TEMPLATES)
         if self.template == "custom" and not self.chat_template:
             raise ConfigError(f"{where}: data.template=custom needs data.chat_template (a Jinja chat template).")
@@ -269,7 +276,7 @@ class TrainConfig:
     """Micro-batches accumulated per optimiser step."""
     gradient_checkpointing: str = "auto"
     """Recompute activations in the backward pass (less memory, about a third more compute): true, false, or auto
-    (on when one micro-batch of max_batch_tokens, or one example of data.max_length if longer, would keep more than
+    (on when one micro-batch of max_batch_tokens, or the longest example if longer, would keep more than
     2 GB of activations)."""
     precision: str = "auto"
     """auto (bf16 autocast where the hardware computes bf16 natively: GPUs that support it, CPUs with AVX512-BF16

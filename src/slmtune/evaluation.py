@@ -22,6 +22,7 @@ from .losses import supports_trained_positions, trained_token_losses
 from .metrics import MODULES_DIR, PER_EXAMPLE, TEXT_MODULES, lower_is_better
 from .modeling import is_adapter, load_model, load_tokenizer
 from .outputs import read_jsonl
+from .progress import track
 from .prompting import IGNORE_INDEX, generation_prompt, padding_collator
 
 PARITY_TOLERANCE = 1e-4
@@ -29,7 +30,9 @@ PARITY_TOLERANCE = 1e-4
 
 
 @torch.no_grad()
-def response_losses(model: Any, tokenizer: Any, dataset: Any, batch_size: int) -> list[tuple[float, int]]:
+def response_losses(
+    model: Any, tokenizer: Any, dataset: Any, batch_size: int, desc: str = "test loss"
+) -> list[tuple[float, int]]:
     """Summed cross-entropy and count of the trained (response) tokens of each row of a tokenized split, the head
     run only where labels are trained (`losses`) on models that allow it, in fp32."""
     collator = padding_collator(tokenizer)
@@ -37,7 +40,7 @@ def response_losses(model: Any, tokenizer: Any, dataset: Any, batch_size: int) -
     lean = supports_trained_positions(model)
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in dataset]
     sums: list[tuple[float, int]] = []
-    for start in range(0, len(rows), batch_size):
+    for start in track(range(0, len(rows), batch_size), desc=f"{desc}: {len(rows)} examples", unit="batch"):
         batch = collator(rows[start : start + batch_size])
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
         if lean:
@@ -85,13 +88,21 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict[str, Any
 
 
 def score_model(
-    model: Any, tokenizer: Any, config: Config, test_tokens: Any, prompt_ids: list[list[int]], references: list[str]
+    model: Any,
+    tokenizer: Any,
+    config: Config,
+    test_tokens: Any,
+    prompt_ids: list[list[int]],
+    references: list[str],
+    name: str = "model",
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Loss, perplexity and text metrics of one model; returns (summary, per-example scores, answers and losses)."""
-    losses = response_losses(model, tokenizer, test_tokens, config.eval.batch_size)
+    """Loss, perplexity and text metrics of one model (`name` labels its progress); returns (summary, per-example
+    scores, answers and losses)."""
+    losses = response_losses(model, tokenizer, test_tokens, config.eval.batch_size, f"{name} test loss")
     loss = mean_loss(losses)
     set_seed(config.train.seed)
-    answers = generate_answers(model, tokenizer, prompt_ids, config.eval.max_new_tokens, config.eval.batch_size)
+    eval_ = config.eval
+    answers = generate_answers(model, tokenizer, prompt_ids, eval_.max_new_tokens, eval_.batch_size, f"{name} generate")
     scores = text_metrics(answers, references)
     summary = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))} | {name: scores[name] for name in PER_EXAMPLE}
     details = {"answers": answers, "losses": losses} | {name: scores[f"{name}_per_example"] for name in PER_EXAMPLE}
@@ -116,18 +127,18 @@ def base_model(config: Config, labels: list[str] | None, pad_token_id: int) -> A
 def score_base_and_tuned(
     config: Config, labels: list[str] | None, pad_token_id: int, score: Any, merged: bool = False
 ) -> tuple[Any, Any, Any]:
-    """`score(model)` for the tuned model, then for the base: one model with the adapter switched off,
+    """`score(model, name)` for the tuned model, then for the base: one model with the adapter switched off,
     or (full fine-tuning) the saved model and the base loaded in turn. With `merged`, an adapter is then
     merged into the base weights and scored a third time (else None): the merge parity."""
     adapter = config.paths.adapter
     if is_adapter(adapter):
         model = PeftModel.from_pretrained(base_model(config, labels, pad_token_id), adapter)
-        tuned = score(model)
+        tuned = score(model, "tuned")
         with model.disable_adapter():
-            base = score(model)
-        return base, tuned, score(model.merge_and_unload()) if merged else None
-    tuned = score(load_model(adapter, config.model.dtype, None, labels, pad_token_id))
-    return score(base_model(config, labels, pad_token_id)), tuned, None
+            base = score(model, "base")
+        return base, tuned, score(model.merge_and_unload(), "merged") if merged else None
+    tuned = score(load_model(adapter, config.model.dtype, None, labels, pad_token_id), "tuned")
+    return score(base_model(config, labels, pad_token_id), "base"), tuned, None
 
 
 def test_prompts(config: Config, tokenizer: Any) -> tuple[list[dict[str, Any]], list[str], list[list[int]], list[str]]:
@@ -222,7 +233,7 @@ def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[s
         config,
         None,
         tokenizer.pad_token_id,
-        lambda model: score_model(model, tokenizer, config, test_tokens, prompt_ids, references),
+        lambda model, name: score_model(model, tokenizer, config, test_tokens, prompt_ids, references, name),
         merged=config.eval.merge_parity,
     )
     metrics: dict[str, Any] = {
@@ -281,7 +292,7 @@ def evaluate_classifier(config: Config) -> tuple[dict[str, Any], list[dict[str, 
     references = [labels[i] for i in test["labels"]]
     metric = evaluate.load(str(MODULES_DIR / "classification"))
 
-    def score(model: Any) -> tuple[dict[str, float], list[str]]:
+    def score(model: Any, name: str) -> tuple[dict[str, float], list[str]]:
         indices, loss = classify(model, tokenizer, test, config.eval.batch_size)
         predicted = [labels[i] for i in indices]
         result = metric.compute(predictions=predicted, references=references)

@@ -19,6 +19,7 @@ from .errors import DataError, UserError
 from .lineage import read_provenance
 from .modeling import load_tuned
 from .outputs import staged_outputs, write_jsonl
+from .progress import track
 from .prompting import generation_prompt
 from .tracking import resolve_adapter
 
@@ -41,13 +42,19 @@ def prompt_ids(messages: list[dict[str, str]], data: DataConfig, tokenizer: Any)
 
 @torch.no_grad()
 def generate_answers(
-    model: Any, tokenizer: Any, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str = "generate",
 ) -> list[str]:
     """Greedy answers, batched with left padding; decoding stops at EOS."""
     model.eval()
     pad = tokenizer.pad_token_id
     answers = []
-    for start in range(0, len(prompt_ids), batch_size):
+    starts = range(0, len(prompt_ids), batch_size)
+    for start in track(starts, desc=f"{desc}: {len(prompt_ids)} answers", unit="batch"):
         chunk = prompt_ids[start : start + batch_size]
         width = max(len(ids) for ids in chunk)
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk])

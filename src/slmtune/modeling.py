@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -115,6 +117,28 @@ def load_source_model(model: ModelConfig) -> tuple[Any, Any]:
     return loaded, tokenizer
 
 
+def load_source_tokenizer(model: ModelConfig) -> tuple[Any, int | None]:
+    """The tokenizer of the configured source (without loading its weights) and its context length."""
+    resolved = resolve_source(model)
+    kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+    if model.revision and not resolved.is_local:
+        kwargs["revision"] = model.revision
+    if resolved.gguf_file:
+        kwargs["gguf_file"] = resolved.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
+        config = AutoConfig.from_pretrained(resolved.location, **kwargs)
+    except OSError as exc:
+        raise ModelSourceError(f"model.source: cannot load '{model.source}': {str(exc).splitlines()[0]}") from None
+    config = getattr(config, "text_config", None) or config
+    context = next((getattr(config, k) for k in CONTEXT_KEYS if isinstance(getattr(config, k, None), int)), None)
+    if context is None and 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
+        context = tokenizer.model_max_length
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, context
+
+
 def materialise_base(model: ModelConfig, output_dir: str | Path) -> dict[str, Any]:
     """Save the source model as plain safetensors + tokenizer (+ chat template); return a summary."""
     loaded, tokenizer = load_source_model(model)
@@ -125,6 +149,28 @@ def materialise_base(model: ModelConfig, output_dir: str | Path) -> dict[str, An
         "parameters": sum(p.numel() for p in loaded.parameters()),
         "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
     }
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+"""Where model configs keep the context length (Llama/Mistral/Qwen, GPT-2, MPT, ChatGLM, GPT-J)."""
+
+
+def model_context(path: str | Path) -> int | None:
+    """The longest sequence a materialised model takes: its config's context length (or the tokenizer's
+    model_max_length when the config has none); None when neither says."""
+    folder = Path(path)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    config = config.get("text_config", config)  # multimodal configs nest the language model's
+    for key in CONTEXT_KEYS:
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return config[key]
+    tokenizer_file = folder / "tokenizer_config.json"
+    if tokenizer_file.is_file():
+        value = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("model_max_length")
+        if isinstance(value, int) and 0 < value < 1_000_000:  # transformers writes ~1e30 for "unknown"
+            return value
+    return None
 
 
 def load_tokenizer(path: str | Path) -> Any:

@@ -16,6 +16,7 @@ from transformers import DataCollatorForSeq2Seq
 
 from .errors import TokenizationError
 from .formats import Problem
+from .progress import track
 
 IGNORE_INDEX = -100
 
@@ -26,6 +27,8 @@ ALPACA_INTRO_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
 )
+TEXT_CHUNK_TOKENS = 1024
+"""Raw text chunk length when data.max_length is null (transformers' run_clm block size), within the context."""
 TEXT_PROMPT_TOKENS = 32
 """Raw text in evaluation: the model continues the first tokens (at most this many, at most half)."""
 
@@ -187,8 +190,9 @@ def encode_pieces(pieces: list[tuple[str, bool]], data: Any, tokenizer: Any) -> 
     return encoded
 
 
-def build_example(record: dict[str, Any], data: Any, tokenizer: Any) -> Example:
-    """A conversation as ids and labels (IGNORE_INDEX except on assistant turns, unless train_on_prompt)."""
+def build_example(record: dict[str, Any], data: Any, tokenizer: Any, limit: int | None = None) -> Example:
+    """A conversation as ids and labels (IGNORE_INDEX except on assistant turns, unless train_on_prompt), at most
+    `data.max_length` tokens long (when it is null: `limit`, the model's context; None: no bound)."""
     pieces = conversation_pieces(record, data, tokenizer)
     check_special_tokens(record, tokenizer)
     input_ids: list[int] = []
@@ -196,22 +200,50 @@ def build_example(record: dict[str, Any], data: Any, tokenizer: Any) -> Example:
     for ids, trained in encode_pieces(pieces, data, tokenizer):
         input_ids += ids
         labels += ids if trained or data.train_on_prompt else [IGNORE_INDEX] * len(ids)
-    return fit_length(Example(input_ids, labels, False, record["source"]), data.max_length, data.truncate)
+    example = Example(input_ids, labels, False, record["source"])
+    bound, what = length_bound(data, limit)
+    return fit_length(example, bound, data.truncate, what) if bound else example
 
 
-def fit_length(example: Example, max_length: int, truncate: bool) -> Example:
-    """Cut an example to `max_length` when allowed; it must keep at least one trained token."""
+def too_long_message(source: str, length: int, max_length: int, bound: str = "data.max_length") -> str:
+    if bound == "data.max_length":
+        return (
+            f"{source}: {length} tokens, longer than data.max_length={max_length}. Raise data.max_length, set "
+            "data.truncate=true, or set data.on_invalid=skip to drop it."
+        )
+    return (
+        f"{source}: {length} tokens, longer than {bound} ({max_length} tokens). Shorten it, set data.truncate=true, "
+        "or set data.on_invalid=skip to drop it."
+    )
+
+
+def length_bound(data: Any, context: int | None) -> tuple[int | None, str]:
+    """The longest example allowed and what sets it: `data.max_length`, or when that is null (chosen from the
+    data) the model's context (None: unknown, no bound)."""
+    if data.max_length is not None:
+        return data.max_length, "data.max_length"
+    return context, "the model's context"
+
+
+def text_chunk_length(data: Any, context: int | None) -> int:
+    """Raw text chunk length: `data.max_length`, or when null `TEXT_CHUNK_TOKENS` within the model's context."""
+    if data.max_length is not None:
+        return data.max_length
+    return min(TEXT_CHUNK_TOKENS, context) if context else TEXT_CHUNK_TOKENS
+
+
+def fit_length(example: Example, max_length: int, truncate: bool, bound: str = "data.max_length") -> Example:
+    """Cut an example to `max_length` when allowed; it must keep at least one trained token. `bound` names the
+    limit in messages: data.max_length, or the model's context when data.max_length is chosen from the data."""
     if len(example.input_ids) <= max_length:
         return example
+    limit = f"data.max_length={max_length}" if bound == "data.max_length" else f"{bound} ({max_length} tokens)"
     if not truncate:
-        raise TooLong(
-            f"{example.source}: {len(example.input_ids)} tokens, longer than data.max_length={max_length}. "
-            "Raise data.max_length, set data.truncate=true, or set data.on_invalid=skip to drop it."
-        )
+        raise TooLong(too_long_message(example.source, len(example.input_ids), max_length, bound))
     labels = example.labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
         raise TooLong(
-            f"{example.source}: the prompt alone fills data.max_length={max_length}, leaving no answer token to train. "
+            f"{example.source}: the prompt alone fills {limit}, leaving no answer token to train. "
             "Raise data.max_length or shorten the prompt."
         )
     return Example(example.input_ids[:max_length], labels, True, example.source)
@@ -257,10 +289,11 @@ def label_names(records: list[dict[str, Any]]) -> list[str]:
 
 
 def classification_examples(
-    records: list[dict[str, Any]], data: Any, tokenizer: Any, labels: list[str], issues: Any
+    records: list[dict[str, Any]], data: Any, tokenizer: Any, labels: list[str], issues: Any, context: int | None = None
 ) -> list[Example]:
     """Text -> token ids, with the class index as the only label; unseen classes and too-long texts go to `issues`."""
     index = {name: i for i, name in enumerate(labels)}
+    bound, what = length_bound(data, context)
     examples, problems = [], []
     for record in records:
         if record["label"] not in index:
@@ -275,37 +308,37 @@ def classification_examples(
             continue
         ids = tokenizer(record["text"])["input_ids"]
         example = Example(ids, [index[record["label"]]], False, record["source"])
-        if len(ids) > data.max_length:
+        if bound and len(ids) > bound:
             if not data.truncate:
-                problems.append(
-                    Problem(
-                        record["source"],
-                        "too long",
-                        f"{record['source']}: {len(ids)} tokens, longer than "
-                        f"data.max_length={data.max_length}. Raise data.max_length, set data.truncate=true, or set "
-                        "data.on_invalid=skip to drop it.",
-                    )
-                )
+                message = too_long_message(record["source"], len(ids), bound, what)
+                problems.append(Problem(record["source"], "too long", message))
                 continue
-            example = Example(ids[: data.max_length], example.labels, True, record["source"])
+            example = Example(ids[:bound], example.labels, True, record["source"])
         examples.append(example)
     issues.add(problems)
     return examples
 
 
-def tokenize_split(records: list[dict[str, Any]], data: Any, tokenizer: Any, issues: Any) -> list[Example]:
-    """Conversations one by one (too-long ones and bad ones go to `issues`), then the split's raw text in chunks."""
+def tokenize_split(
+    records: list[dict[str, Any]],
+    data: Any,
+    tokenizer: Any,
+    issues: Any,
+    context: int | None = None,
+    desc: str = "tokenize",
+) -> list[Example]:
+    """Conversations one by one (too-long ones and bad ones go to `issues`), then the split's raw text in chunks.
+    `context`: the model's, the bound when data.max_length is null."""
     examples, bad = [], []
-    for record in records:
-        if "text" in record:
-            continue
+    conversations = [r for r in records if "text" not in r]
+    for record in track(conversations, desc=desc, unit="example") if conversations else ():
         try:
-            examples.append(build_example(record, data, tokenizer))
+            examples.append(build_example(record, data, tokenizer, context))
         except BadExample as exc:
             bad.append(Problem(record["source"], exc.reason, str(exc)))
     issues.add(bad)
     texts = [r for r in records if "text" in r]
-    return examples + (chunk_texts(texts, tokenizer, data.max_length) if texts else [])
+    return examples + (chunk_texts(texts, tokenizer, text_chunk_length(data, context)) if texts else [])
 
 
 def length_stats(examples: list[Example]) -> dict[str, Any]:
@@ -335,10 +368,18 @@ def length_stats(examples: list[Example]) -> dict[str, Any]:
 
 
 def tokenize_splits(
-    records: dict[str, list[dict[str, Any]]], data: Any, tokenizer: Any, classify: bool, issues: Any
+    records: dict[str, list[dict[str, Any]]],
+    data: Any,
+    tokenizer: Any,
+    classify: bool,
+    issues: Any,
+    context: int | None = None,
 ) -> tuple[dict[str, list[Example]], dict[str, Any]]:
     """Every split's records as examples (classification: text and class index), with the stats of each
-    split and the template used; the classes come from the training split."""
+    split and the template used; the classes come from the training split.
+
+    `max_length` in the stats is the longest sequence training will see: `data.max_length` when set, else
+    (chosen from the data) the longest example, each bounded by the model's `context`."""
     template = "none (classification)" if classify else resolve_template(data.template, tokenizer)
     stats: dict[str, Any] = {"template": template, "max_length": data.max_length, "splits": {}}
     if classify:
@@ -346,11 +387,19 @@ def tokenize_splits(
     examples = {}
     for name, split in records.items():
         if classify:
-            examples[name] = classification_examples(split, data, tokenizer, stats["labels"], issues)
+            examples[name] = classification_examples(split, data, tokenizer, stats["labels"], issues, context)
         else:
-            examples[name] = tokenize_split(split, data, tokenizer, issues)
+            examples[name] = tokenize_split(split, data, tokenizer, issues, context, f"tokenize {name}")
         stats["splits"][name] = length_stats(examples[name])
     stats.update(issues.stats())
+    stats["model_context"] = context
+    if data.max_length is None:
+        stats["max_length"] = max(s["length"]["max"] for s in stats["splits"].values())
+        stats["max_length_chosen"] = f"from the data: the longest example ({stats['max_length']} tokens)" + (
+            f", within the model's context of {context} tokens" if context else ""
+        )
+    else:
+        stats["max_length_chosen"] = "set by data.max_length"
     for name in ("train", "test"):
         if not examples[name]:
             raise TokenizationError(

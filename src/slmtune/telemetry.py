@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import resource
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import mlflow
 import psutil
 import torch
 from transformers import TrainerCallback
+
+from .progress import bar
 
 
 class TokenCounter:
@@ -86,3 +89,47 @@ class StepLog(TrainerCallback):
             writer = csv.DictWriter(handle, fieldnames=["step", "loss", "learning_rate"])
             writer.writeheader()
             writer.writerows(self.rows)
+
+
+class TrainingProgress(TrainerCallback):
+    """The training bar (rank 0): step/total, loss, tokens/s and time left in a terminal, plain lines in a log;
+    validation losses as lines above it. Replaces the Trainer's printer of raw log dicts."""
+
+    def __init__(self, tokens: TokenCounter | None = None) -> None:
+        self.tokens = tokens
+        self.bar: Any = None
+        self.loss: float | None = None
+        self.start_tokens = 0
+        self.start = 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.bar = bar(state.max_steps, "train", unit="step", initial=state.global_step)
+            self.start_tokens = self.tokens.tokens if self.tokens else 0
+            self.start = time.monotonic()
+
+    def figures(self) -> str:
+        figures = [f"loss {self.loss:.3f}"] if self.loss is not None else []
+        elapsed = time.monotonic() - self.start
+        if self.tokens is not None and elapsed > 0:
+            figures.append(f"{(self.tokens.tokens - self.start_tokens) / elapsed:,.0f} tok/s")
+        return ", ".join(figures)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.figures(), refresh=False)
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self.bar is None or not logs:
+            return
+        if "loss" in logs:
+            self.loss = float(logs["loss"])
+            self.bar.set_postfix_str(self.figures())
+        if "eval_loss" in logs:
+            self.bar.write(f"step {state.global_step}/{state.max_steps}: validation loss {logs['eval_loss']:.4f}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -212,7 +213,9 @@ def log_datasets(tracking: TrackingConfig, digests: dict[str, dict[str, Any]]) -
     """Record each data and model input with its DVC md5 (a hub dataset: its revision) as the digest."""
     with store_lock(tracking):
         for name, entry in digests.items():
-            source = resolve_dataset_source(str(Path(entry["path"]).resolve()))
+            with warnings.catch_warnings():  # MLflow registers its local source twice and calls the path ambiguous
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+                source = resolve_dataset_source(str(Path(entry["path"]).resolve()))
             digest = entry["md5"] or f"revision:{entry['revision']}"
             context = "model" if name == "base_model" else "train"
             mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context=context)

@@ -18,6 +18,7 @@ from transformers import (
     DataCollatorWithFlattening,
     DataCollatorWithPadding,
     EarlyStoppingCallback,
+    PrinterCallback,
     Trainer,
     TrainingArguments,
     set_seed,
@@ -32,7 +33,7 @@ from .modeling import default_target_modules, head_modules, load_model
 from .outputs import write_json
 from .prompting import IGNORE_INDEX, padding_collator
 from .resume import SealCheckpoints
-from .telemetry import MemoryMonitor, StepLog, TokenCounter
+from .telemetry import MemoryMonitor, StepLog, TokenCounter, TrainingProgress
 
 
 def class_labels(config: Config) -> list[str] | None:
@@ -64,9 +65,10 @@ def lora_model(model: Any, config: Config) -> Any:
     return get_peft_model(model, lora)
 
 
-def prepare_model(config: Config, tokenizer: Any, monitor: MemoryMonitor) -> Any:
+def prepare_model(config: Config, tokenizer: Any, monitor: MemoryMonitor, splits: Any = None) -> Any:
     """The model as it trains: loaded (quantised for QLoRA / 8-bit), prepared for k-bit training, wrapped
-    in adapters unless the method is full fine-tuning."""
+    in adapters unless the method is full fine-tuning. `splits`: the tokenized data (its longest example
+    decides gradient checkpointing when data.max_length is chosen from the data)."""
     method = config.method
     model = load_model(
         config.paths.base_model, config.model.dtype, method, class_labels(config), tokenizer.pad_token_id
@@ -77,7 +79,7 @@ def prepare_model(config: Config, tokenizer: Any, monitor: MemoryMonitor) -> Any
         # casts norms and the head to fp32 and lets gradients reach the adapters through frozen quantised layers
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=use_gradient_checkpointing(config, model),
+            use_gradient_checkpointing=use_gradient_checkpointing(config, model, splits),
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     if method.adapter == "lora":
@@ -138,16 +140,27 @@ def activation_bytes(model: Any, tokens: int, bf16: bool, lora_dropout: float = 
     return tokens * layers * per_layer
 
 
-def use_gradient_checkpointing(config: Config, model: Any) -> bool:
+def sequence_length(config: Config, splits: Any = None) -> int:
+    """The longest sequence training sees: `data.max_length`, or when that is null (chosen from the data by the
+    tokenize stage) the longest tokenized example of `splits` (0 when none is given)."""
+    if config.data.max_length is not None:
+        return config.data.max_length
+    if splits is None:
+        return 0
+    return max((max(map(len, split["input_ids"]), default=0) for split in splits.values()), default=0)
+
+
+def use_gradient_checkpointing(config: Config, model: Any, splits: Any = None) -> bool:
     """`true` / `false` as set; `auto`: on when a micro-batch of `train.max_batch_tokens` tokens (or of the
     longest batch the data allows) would keep more than `ACTIVATION_BUDGET_BYTES` of activations."""
     setting = str(config.train.gradient_checkpointing).lower()
     if setting != "auto":
         return setting == "true"
     train = config.train
-    tokens = train.batch_size * config.data.max_length
+    longest = sequence_length(config, splits)
+    tokens = train.batch_size * longest
     if train.max_batch_tokens > 0:
-        tokens = min(tokens, max(train.max_batch_tokens, config.data.max_length))
+        tokens = min(tokens, max(train.max_batch_tokens, longest))
     dropout = config.method.dropout if config.method.adapter == "lora" else 0.0
     return activation_bytes(model, tokens, use_bf16(train), dropout) > ACTIVATION_BUDGET_BYTES
 
@@ -170,8 +183,9 @@ def training_arguments(
         per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
-        gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        dataloader_pin_memory=torch.cuda.is_available(),
         bf16=bf16,
         fp16=train.precision == "fp16",
         use_cpu=bf16 and not torch.cuda.is_available(),  # transformers allows CPU bf16 autocast only when told
@@ -217,13 +231,13 @@ def packs_correctly(model: Any) -> bool:
     return bool((packed - expected).abs().max() <= 1e-3 * (1 + expected.abs().max()))
 
 
-def padding_free(config: Config, model: Any) -> bool:
+def padding_free(config: Config, model: Any, splits: Any = None) -> bool:
     """Padding-free batches when configured, the task is causal LM and the model keeps packed examples apart;
     the model then attends per example (`attention`; `restore_attention` undoes it)."""
     if not config.train.packing or config.model.task != "causal_lm":
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    previous = use_padding_free_attention(base, config.data.max_length)
+    previous = use_padding_free_attention(base, sequence_length(config, splits))
     if packs_correctly(model):
         base._slmtune_attention_before = previous  # on the module: a saved config must not carry it
         return True
@@ -398,7 +412,7 @@ def build_trainer(
                 "train.early_stopping_patience needs a validation split; raise data.val_fraction or set it to 0."
             )
         callbacks = [*callbacks, EarlyStoppingCallback(train.early_stopping_patience, train.early_stopping_threshold)]
-    checkpointing = use_gradient_checkpointing(config, model)
+    checkpointing = use_gradient_checkpointing(config, model, splits)
     lean = config.model.task == "causal_lm" and supports_trained_positions(model)
     return SlmTrainer(
         model=model,
@@ -450,12 +464,14 @@ def fit(
     losses and throughput, and after FSDP training the full state dict gathered from the shards (else None)."""
     set_seed(config.train.seed)
     with tempfile.TemporaryDirectory(prefix="slmtune-trainer-") as scratch:
-        packed = padding_free(config, model)
+        packed = padding_free(config, model, splits)
         try:
             collator = make_collator(config, tokenizer, packed)
             trainer = build_trainer(
                 config, model, tokenizer, splits, output_dir or scratch, [step_log, SealCheckpoints()], collator, packed
             )
+            trainer.remove_callback(PrinterCallback)  # raw log dicts; TrainingProgress shows the run instead
+            trainer.add_callback(TrainingProgress(collator))
             check_world_size(trainer)
             if trainer.is_fsdp_enabled and trainer.accelerator.is_main_process:
                 version = trainer.accelerator.state.fsdp_plugin.fsdp_version
@@ -469,7 +485,7 @@ def fit(
             "train_loss": float(result.training_loss),
             "padding_free": float(packed),
             "bf16": float(use_bf16(config.train)),
-            "gradient_checkpointing": float(trainer.args.gradient_checkpointing),
+            "gradient_checkpointing": float(trainer.args.activation_checkpointing),
             "processes": float(trainer.args.world_size),
             "sharded": float(trainer.is_fsdp_enabled),
             "steps": float(result.global_step),

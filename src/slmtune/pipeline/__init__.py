@@ -12,12 +12,14 @@ from collections.abc import Callable
 
 from ..config import Config, load_config
 from ..errors import exit_code_of
+from ..progress import quiet_libraries
 
 
 def stage_main(main: Callable[[Config], None]) -> Callable[[], None]:
     """Wrap a stage body: `error: <one line>` on stderr and exit 1 for problems a user can fix."""
 
     def run() -> None:
+        quiet_libraries()
         code = exit_code_of(lambda: main(load_config()))
         if code:
             sys.exit(code)

@@ -12,7 +12,7 @@ from datasets import Dataset, DatasetDict
 
 from ..config import SPLIT_NAMES, Config
 from ..data import Issues
-from ..modeling import load_tokenizer
+from ..modeling import load_tokenizer, model_context
 from ..outputs import read_jsonl, write_json
 from ..prompting import tokenize_splits
 from ..reports.data import plot_lengths, render_data_report
@@ -26,7 +26,10 @@ def run_tokenize(
     tokenizer = load_tokenizer(paths.base_model)
     classify = config.model.task == "classification"
     records = {name: read_jsonl(Path(paths.prepared) / f"{name}.jsonl") for name in SPLIT_NAMES}
-    examples, stats = tokenize_splits(records, config.data, tokenizer, classify, Issues(config.data.on_invalid))
+    context = model_context(paths.base_model)
+    examples, stats = tokenize_splits(
+        records, config.data, tokenizer, classify, Issues(config.data.on_invalid), context
+    )
     splits = {
         name: Dataset.from_dict(
             {

@@ -53,7 +53,7 @@ def run_train(config: Config, adapter_dir: Path | None, train_log: Path | None) 
     monitor = MemoryMonitor(config.train.monitor_memory)
     splits = load_from_disk(config.paths.tokenized).select_columns(["input_ids", "labels"])
     tokenizer = load_tokenizer(config.paths.base_model)
-    model = prepare_model(config, tokenizer, monitor)
+    model = prepare_model(config, tokenizer, monitor, splits)
     counts = parameter_counts(model)
     share = 100 * counts["trainable"] / counts["total"]
     print(f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} || trainable%: {share:.4f}")

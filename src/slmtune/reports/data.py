@@ -43,7 +43,8 @@ def render_data_report(data_stats: dict[str, Any], token_stats: dict[str, Any], 
     length_header = ["split", "rows", "examples", "tokens", "trained share", "min", "p50", "p90", "p95", "max"]
     return (
         "# Data report\n\n"
-        f"Template `{token_stats['template']}`, max length {token_stats['max_length']} tokens, "
+        f"Template `{token_stats['template']}`, max length {token_stats['max_length']} tokens "
+        f"({token_stats.get('max_length_chosen', 'set by data.max_length')}), "
         f"invalid rows: {data_stats['on_invalid']}, split seed {data_stats['split_seed']}.\n\n"
         "## Rows per source and split\n\n"
         + table(["source", "path", "kind", "rows read", *splits, "weight", "split"], sources)
