@@ -264,6 +264,8 @@ class Reproduced:
     project: Path
     first: str
     second: str
+    log: str
+    """Everything the first run printed, stdout and stderr: what a DVC log or CI shows."""
 
 
 @pytest.fixture(scope="session")
@@ -274,8 +276,8 @@ def tiny_trained(tmp_path_factory, tiny_model_dir) -> Reproduced:
         tmp_path_factory.mktemp("tiny-trained") / "project",
         [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES],
     )
-    first = run(["dvc", "repro"], project).stdout
-    return Reproduced(project, first, run(["dvc", "repro"], project).stdout)
+    first = run(["dvc", "repro"], project)
+    return Reproduced(project, first.stdout, run(["dvc", "repro"], project).stdout, first.stdout + first.stderr)
 
 
 @pytest.fixture(scope="session")

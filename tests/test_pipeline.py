@@ -3,6 +3,7 @@ every data format end to end, and outputs that appear all together or not at all
 
 import json
 import os
+import re
 from collections import Counter
 
 import mlflow
@@ -29,6 +30,12 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_trained):
     for stage in STAGES:
         assert f"Running stage '{stage}'" in tiny_trained.first
     assert "Running stage" not in tiny_trained.second
+    # without a terminal: plain progress lines, no bar soup, no raw log dicts, no library warnings or INFO lines
+    log = tiny_trained.log
+    assert re.search(r"^train: 6/6 \(100%\), [0-9.]+ step/s, [0-9:]+ elapsed, loss [0-9.]+, [0-9,]+ tok/s$", log, re.M)
+    assert re.search(r"^tokenize train: \d+/\d+ \(100%\)", log, re.M) and "step 6/6: validation loss" in log
+    for noise in ("\r", "{'loss'", "{'eval_loss'", "Warning", "INFO", "pin_memory", "it/s]"):
+        assert noise not in log, noise
 
     metrics = json.loads((tiny_project / "reports/metrics.json").read_text())
     for model in ("base", "tuned"):

@@ -24,6 +24,7 @@ from slmtune.prompting import (
     generation_prompt,
     length_stats,
     tokenize_split,
+    tokenize_splits,
 )
 
 CUSTOM = (
@@ -246,6 +247,50 @@ def test_too_long_example_is_an_error_unless_truncation_is_on():
     assert cut.input_ids == [1, 2, 3, 4] and cut.labels == [IGNORE_INDEX, IGNORE_INDEX, 3, 4] and cut.truncated
     with pytest.raises(TooLong, match="the prompt alone fills data.max_length=2"):
         fit_length(example, 2, truncate=True)
+
+
+def test_max_length_null_is_chosen_from_the_data_within_the_model_context(tiny_tokenizer):
+    """Long and short examples in one split: none is cut or dropped, max_length becomes the longest; only an
+    example longer than the model's context follows on_invalid."""
+    short = {
+        "source": "kb.csv:2",
+        "messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+    }
+    long = {
+        "source": "kb.csv:3",
+        "messages": [
+            {"role": "user", "content": "Tell me all."},
+            {"role": "assistant", "content": "leave days " * 300},
+        ],
+    }
+    config = DataConfig(max_length=None)
+    records = {"train": [short, long], "val": [], "test": [short]}
+    lengths = [len(build_example(r, config, tiny_tokenizer).input_ids) for r in (short, long)]
+    assert lengths[1] > 512  # above the old default of 256, and the tiny model's 512 context below
+    examples, stats = tokenize_splits(records, config, tiny_tokenizer, False, Issues("fail"), context=4096)
+    assert [len(e.input_ids) for e in examples["train"]] == lengths and stats["max_length"] == lengths[1]
+    assert (
+        stats["max_length_chosen"] == f"from the data: the longest example ({lengths[1]} tokens), within the "
+        "model's context of 4096 tokens"
+    )
+    with pytest.raises(DataError, match=r"kb\.csv:3: \d+ tokens, longer than the model's context \(512 tokens\)"):
+        tokenize_splits(records, config, tiny_tokenizer, False, Issues("fail"), context=512)
+    issues = Issues("skip")
+    examples, stats = tokenize_splits(records, config, tiny_tokenizer, False, issues, context=512)
+    assert stats["dropped"] == {"too long": 1} and stats["max_length"] == lengths[0]
+    chunks, _ = tokenize_splits(
+        {
+            "train": [{"source": "t.txt:1", "text": "word " * 3000}],
+            "val": [],
+            "test": [{"source": "t.txt:9", "text": "a b"}],
+        },
+        config,
+        tiny_tokenizer,
+        False,
+        Issues("fail"),
+        context=4096,
+    )
+    assert max(len(c.input_ids) for c in chunks["train"]) == 1024  # raw text: run_clm's block size within the context
 
 
 def test_length_stats_count_trained_share_and_truncation():

@@ -1,8 +1,8 @@
 """Progress you can watch, and library noise kept out of the way.
 
-In a terminal every long step draws a tqdm bar (count, rate, time left); without one (DVC's log, CI) it
-prints a plain line every `PLAIN_INTERVAL_S` seconds and one at the end, so a log has no carriage-return
-bar soup. `quiet_libraries` silences the known library noise at its source: specific warnings by message,
+In a terminal every long step draws a tqdm bar (count, rate, time left) on stderr; without one (DVC's log,
+CI) it prints a plain line to stdout every `PLAIN_INTERVAL_S` seconds and one at the end, so a log has no
+carriage-return bar soup and stderr keeps only errors. `quiet_libraries` silences the known library noise at its source: specific warnings by message,
 MLflow's INFO lines, and (without a terminal) the libraries' own bars.
 """
 
@@ -85,18 +85,18 @@ class PlainProgress:
         now = time.monotonic()
         if now - self.last >= self.interval and not (self.total and self.n >= self.total):
             self.last = now
-            print(self.line(), file=sys.stderr, flush=True)
+            print(self.line(), flush=True)
 
     def set_postfix_str(self, text: str, refresh: bool = True) -> None:
         self.postfix = text
 
     def write(self, text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
+        print(text, flush=True)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            print(self.line(), file=sys.stderr, flush=True)
+            print(self.line(), flush=True)
 
     def __enter__(self) -> PlainProgress:
         return self
