@@ -2,8 +2,9 @@
 
 In a terminal every long step draws a tqdm bar (count, rate, time left) on stderr; without one (DVC's log,
 CI) it prints a plain line to stdout every `PLAIN_INTERVAL_S` seconds and one at the end, so a log has no
-carriage-return bar soup and stderr keeps only errors. `quiet_libraries` silences the known library noise at its source: specific warnings by message,
-MLflow's INFO lines, and (without a terminal) the libraries' own bars.
+carriage-return bar soup and stderr keeps only errors. `quiet_libraries` silences the known library noise
+at its source: specific warnings by message, MLflow's INFO lines, and (without a terminal) the libraries'
+own bars.
 """
 
 from __future__ import annotations
