@@ -7,6 +7,7 @@ import mlflow
 import pytest
 
 from conftest import REPO, Terminal, copy_project, make_project, run
+from slmtune.tracking import EXP_NAME_TAG
 
 pytestmark = pytest.mark.e2e
 SMALL_RUN = ["train.max_steps=8", "train.eval_steps=4", "eval.max_new_tokens=24"]
@@ -125,7 +126,7 @@ def test_smollm2_two_by_two_sweep_from_a_fresh_clone(tmp_path: Path):
     table = run(["dvc", "exp", "show", "--csv", "--no-pager"], clone).stdout
     report = (clone / "reports/sweep.md").read_text()
     ranked = [line.split(" | ")[1].strip("`") for line in report.splitlines() if line.startswith("| ") and "`" in line]
-    by_name = {c.data.tags["dvc.exp_name"]: c for c in children}
+    by_name = {c.data.tags[EXP_NAME_TAG]: c for c in children}
     assert sorted(ranked) == sorted(by_name) and all(name in table for name in ranked)
     losses = [by_name[name].data.metrics["test/tuned/loss"] for name in ranked]
     assert losses == sorted(losses)

@@ -7,6 +7,7 @@ import re
 from collections import Counter
 
 import mlflow
+import mlflow.pyfunc
 import pytest
 import yaml
 
@@ -75,9 +76,34 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_trained):
     run_data = mlflow.get_run(provenance["mlflow"]["run_id"])
     assert run_data.data.tags["mlflow.source.git.commit"] == head
     assert run_data.data.params["method.r"] == "16"
-    assert {"test/base/loss", "test/tuned/loss", "train/loss", "data/rows/train", "data/trained_share/train"} <= set(
-        run_data.data.metrics
+    # one name per figure: curves under train/ and val/, test results under test/; constants are params or tags
+    names = set(run_data.data.metrics)
+    assert {
+        "test/base/loss",
+        "test/tuned/loss",
+        "train/loss",
+        "val/loss",
+        "train/mean_loss",
+        "train/runtime_s",
+    } <= names
+    assert not names & {"train_loss", "eval_loss", "val_loss", "train_runtime", "train_runtime_s", "loss", "epoch"}
+    assert not [n for n in names if n.startswith(("data/", "params/", "eval_"))] and "padding_free" not in names
+    assert run_data.data.params["data_stats.rows.train"] == str(
+        json.loads((tiny_project / "reports/data_stats.json").read_text())["rows"]["train"]
     )
+    assert run_data.data.tags["slmtune.padding_free"] in ("0", "1")
+    assert all(t.startswith(("slmtune.", "mlflow.")) for t in run_data.data.tags), sorted(run_data.data.tags)
+    assert run_data.info.run_name == "tiny-llama0 · company_kb · lora r16 · lr 0.001 · 6 steps" or (
+        run_data.info.run_name.endswith("company_kb · lora r16 · lr 0.001 · 6 steps")
+    )
+    versions = mlflow.tracking.MlflowClient().search_model_versions("name='slmtune-company_kb'")
+    assert [v.run_id for v in versions] == [run_data.info.run_id]  # the Models page lists the tuned model
+    assert run_data.data.tags["slmtune.registered_model"] == f"slmtune-company_kb/{versions[0].version}"
+    registered = mlflow.pyfunc.load_model(f"models:/slmtune-company_kb/{versions[0].version}")
+    answers = registered.predict(
+        ["How many sick days do I get?", "Who approves expenses?"], params={"max_new_tokens": 4}
+    )
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     assert {d.dataset.digest for d in run_data.inputs.dataset_inputs} == {
         e["md5"] for e in provenance["inputs"].values()
     }

@@ -17,6 +17,7 @@ from conftest import TINY_OVERRIDES, make_project, run, stage_env
 from slmtune.errors import ExperimentError
 from slmtune.experiments import metric_direction, sweep_points, swept_keys
 from slmtune.reports.sweep import SweepOutcome, rank_experiments, render_sweep_report
+from slmtune.tracking import BASELINE_TAG, EXP_NAME_TAG
 
 ROWS = {
     "exp-a": {"method.r": 4, "train.learning_rate": 1e-4, "tuned.loss": 2.5, "tuned.rougeL": 0.30},
@@ -89,9 +90,9 @@ def test_sweep_runs_the_grid_as_queued_experiments_under_one_parent_and_reproduc
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children) == 2 == len(runs) - 1 and {c.info.status for c in children} == {"FINISHED"}
-    names = {c.data.tags["dvc.exp_name"]: c for c in children}
+    names = {c.data.tags[EXP_NAME_TAG]: c for c in children}
     baseline = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
-    assert {c.data.tags["dvc.baseline_rev"] for c in children} == {baseline}
+    assert {c.data.tags[BASELINE_TAG] for c in children} == {baseline}
 
     table = run(["dvc", "exp", "show", "--csv", "--no-pager"], project).stdout
     for name, child in names.items():
@@ -193,7 +194,7 @@ def test_an_interrupted_sweep_stops_its_workers_and_a_rerun_finishes_only_what_d
     (parent,) = [r for r in runs if r.data.tags.get("slmtune.sweep") == "parent"]
     assert parent.info.status == "KILLED" and parent.data.tags["slmtune.stopped"] == "sweep interrupted by SIGINT"
     done = re.search(r"\[1/2 done\] (\S+): Success", printed)[1]
-    children = {r.data.tags["dvc.exp_name"]: r for r in runs if r.info.run_id != parent.info.run_id}
+    children = {r.data.tags[EXP_NAME_TAG]: r for r in runs if r.info.run_id != parent.info.run_id}
     (stopped,) = set(children) - {done}
     assert children[done].info.status == "FINISHED" and children[done].data.params["train.max_steps"] == "4"
     assert children[stopped].info.status == "KILLED"
@@ -215,8 +216,8 @@ def test_an_interrupted_sweep_stops_its_workers_and_a_rerun_finishes_only_what_d
         if r.data.tags.get("mlflow.parentRunId") == second.info.run_id
     }
     assert {k: c.info.status for k, c in rerun.items()} == {"4": "FINISHED", "240": "FINISHED"}, again.stdout
-    quick = run(["dvc", "queue", "logs", rerun["4"].data.tags["dvc.exp_name"]], project).stdout
-    slow = run(["dvc", "queue", "logs", rerun["240"].data.tags["dvc.exp_name"]], project).stdout
+    quick = run(["dvc", "queue", "logs", rerun["4"].data.tags[EXP_NAME_TAG]], project).stdout
+    slow = run(["dvc", "queue", "logs", rerun["240"].data.tags[EXP_NAME_TAG]], project).stdout
     assert "Running stage 'train'" not in quick and "Stage 'train' is cached - skipping run" in quick, quick
     assert "Running stage 'train'" in slow
     assert rerun["4"].data.metrics["test/tuned/loss"] == children[done].data.metrics["test/tuned/loss"]

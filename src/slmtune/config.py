@@ -375,6 +375,11 @@ class TrackingConfig:
     """MLflow experiment name."""
     log_system_metrics: bool = True
     """Record CPU, memory (and GPU) usage during training."""
+    register_model: bool = True
+    """Log the tuned model as an MLflow model (pyfunc: the adapter, the package's code, the base from its source)
+    in the training run and register a new version of it (causal LM)."""
+    registered_model: Optional[str] = None
+    """Name in the model registry; null: `<experiment>-<data sources>`, e.g. slmtune-company_kb."""
 
 
 @dataclass

@@ -23,7 +23,7 @@ from .evaluation import PARITY_TOLERANCE, test_loss, test_loss_and_answers, test
 from .lineage import PROVENANCE_FILE, read_provenance
 from .modeling import is_adapter, load_model, load_tokenizer, load_tuned, resolve_source
 from .outputs import staged_outputs, write_json
-from .tracking import ADAPTER_RUN_TAG, mlflow_run, resolve_adapter
+from .tracking import ADAPTER_RUN_TAG, PARENT_TAG, STAGE_TAG, mlflow_run, resolve_adapter, training_run
 
 PARITY_FILE = "parity.json"
 EXPORT_FILE = "export.json"
@@ -74,6 +74,8 @@ def merge_adapter(config: Config, adapter_spec: str | None, output: str | Path) 
             adapter,
             "merge",
             {f"merge/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float, bool))},
+            {"adapter": str(adapter), "output": str(output), "model.dtype": config.model.dtype},
+            result,
         )
         if not result["ok"]:
             raise ExportError(
@@ -95,15 +97,25 @@ def print_parity(result: dict[str, Any]) -> None:
     print(f"merge parity: {'PASS' if result['ok'] else 'FAIL'}", flush=True)
 
 
-def log_to_mlflow(config: Config, adapter: Path, stage: str, metrics: dict[str, float]) -> None:
-    """An MLflow run of this command, tagged with the adapter's training run."""
+def log_to_mlflow(
+    config: Config, adapter: Path, stage: str, metrics: dict[str, float], params: dict[str, Any], result: Any
+) -> None:
+    """An MLflow run of this command, nested under the adapter's training run when that run is in this store
+    (else tagged with its id), with the command's params, figures and result file."""
     try:
         run_id = read_provenance(adapter)["mlflow"]["run_id"]
     except (FileNotFoundError, KeyError):
         run_id = "unknown"
-    with mlflow_run(config.tracking, run_name=stage, tags={ADAPTER_RUN_TAG: run_id, "slmtune.stage": stage}) as run:
+    tags = {ADAPTER_RUN_TAG: run_id, STAGE_TAG: stage}
+    parent = training_run(config.tracking, run_id)
+    if parent is not None:
+        tags[PARENT_TAG] = run_id
+    name = f"{stage} of {parent.info.run_name}" if parent is not None else stage
+    with mlflow_run(config.tracking, run_name=name, tags=tags) as run:
+        mlflow.log_params(params)
         mlflow.log_metrics(metrics)
-        print(f"logged to MLflow run {run.info.run_id}")
+        mlflow.log_dict(result, f"{stage}/{stage}.json")
+        print(f"logged to MLflow run {run.info.run_id}" + (f", under training run {run_id}" if parent else ""))
 
 
 # --- GGUF ---------------------------------------------------------------------------------------------
@@ -324,6 +336,8 @@ def export_gguf(config: Config, model_spec: str | None, output: str | Path, type
                 for k, v in r.items()
                 if isinstance(v, (int, float, bool))
             },
+            {"model": str(model_dir), "output": str(output), "types": ",".join(types)},
+            {"model": str(model_dir), "files": results},
         )
         failed = [r["file"] for r in results if not r["ok"]]
         if failed:

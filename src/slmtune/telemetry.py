@@ -62,6 +62,25 @@ class MemoryMonitor:
             mlflow.log_metrics({f"memory/{k}": v for k, v in figures.items()}, step=step)
 
 
+STEP_METRICS = {
+    "loss": "train/loss",
+    "grad_norm": "train/grad_norm",
+    "learning_rate": "train/learning_rate",
+    "epoch": "train/epoch",
+    "eval_loss": "val/loss",
+}
+"""The Trainer's per-step log keys and their one MLflow name each: training figures under train/, the validation
+loss under val/. The rest (eval runtimes, the end-of-training summary) is left out: the train stage logs the
+run's own summary once (`train/mean_loss`, `train/runtime_s`, `train/tokens_per_second`)."""
+
+
+def mlflow_step_metrics(logs: dict[str, float]) -> dict[str, float]:
+    """A Trainer log entry under this project's metric names; the end-of-training summary gives nothing."""
+    if "train_runtime" in logs:
+        return {}
+    return {STEP_METRICS[k]: v for k, v in logs.items() if k in STEP_METRICS}
+
+
 class StepLog(TrainerCallback):
     """Keeps every logged training step and forwards it (and, when monitoring, memory) to the active MLflow run."""
 
@@ -73,8 +92,8 @@ class StepLog(TrainerCallback):
         if not state.is_world_process_zero:
             return
         numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
-        if numeric:
-            named = {f"train/{k}" if k == "loss" else k: v for k, v in numeric.items()}
+        named = mlflow_step_metrics(numeric)
+        if named:
             mlflow.log_metrics(named, step=state.global_step)
         if "loss" in numeric:
             self.rows.append(

