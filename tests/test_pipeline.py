@@ -108,7 +108,11 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_trained):
         e["md5"] for e in provenance["inputs"].values()
     }
     artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run_data.info.run_id, "reports")}
-    assert "reports/before_after.md" in artifacts
+    assert {"reports/before_after.md", "reports/loss_curve.png"} <= artifacts
+    # MLflow's markdown viewer shows only absolute image URLs: the logged copy links the run's own plot
+    logged = mlflow.artifacts.download_artifacts(run_id=run_data.info.run_id, artifact_path="reports/before_after.md")
+    url = f"http://127.0.0.1:5000/get-artifact?path=reports%2Floss_curve.png&run_uuid={run_data.info.run_id}"
+    assert f"]({url})" in open(logged).read() and "](loss_curve.png)" in report
     data_artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run_data.info.run_id, "data")}
     assert {"data/data_report.md", "data/data_lengths.png"} <= data_artifacts
     assert run_data.info.artifact_uri.startswith((tiny_project / "mlartifacts").as_uri())

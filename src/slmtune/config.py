@@ -373,6 +373,10 @@ class TrackingConfig:
     """MLflow tracking URI; null uses `sqlite:///<repo root>/mlflow.db`."""
     experiment: str = "slmtune"
     """MLflow experiment name."""
+    ui_url: str = "http://127.0.0.1:5000"
+    """Where you open the MLflow UI of the embedded store (`mlflow ui`'s default address). MLflow's markdown viewer
+    shows only absolute image URLs, so reports logged to MLflow link their plots there (a tracking server's own
+    URL is used when tracking_uri is one)."""
     log_system_metrics: bool = True
     """Record CPU, memory (and GPU) usage during training."""
     register_model: bool = True

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import mlflow
 from filelock import FileLock
@@ -295,8 +297,36 @@ def log_data_figures(config: Config) -> None:
     """The data report's figures as MLflow params (constants of the run, not curves: each would be a one-bar
     chart among the metrics), with the report, its histogram and the stats files as artifacts."""
     mlflow.log_params(data_figures(config))
-    for path in (config.paths.data_report, config.paths.length_plot, config.paths.data_stats, config.paths.token_stats):
+    for path in (config.paths.length_plot, config.paths.data_stats, config.paths.token_stats):
         mlflow.log_artifact(path, "data")
+    log_markdown(config.tracking, Path(config.paths.data_report), "data", {config.paths.length_plot: "data"})
+
+
+def artifact_url(tracking: TrackingConfig, run_id: str, artifact_path: str) -> str:
+    """An absolute URL that serves a run's artifact: the tracking server's, or `tracking.ui_url` for the embedded
+    store (where `mlflow ui` serves it)."""
+    uri = tracking_uri(tracking)
+    server = uri if uri.split(":", 1)[0].lower() in ("http", "https") else tracking.ui_url
+    return f"{server.rstrip('/')}/get-artifact?path={quote(artifact_path, safe='')}&run_uuid={run_id}"
+
+
+def log_markdown(
+    tracking: TrackingConfig, report: Path, folder: str, images: dict[str, str], final: Path | None = None
+) -> None:
+    """Log a markdown report to the active run, its image links (`images`: local path -> artifact folder, each
+    logged there) made absolute artifact URLs: MLflow's markdown viewer shows no relative or data: image, so
+    the copy in MLflow links the run's own artifacts; the local file keeps its relative links. `final`: where
+    the report will live when `report` is a staged copy (its links are relative to that)."""
+    run_id = mlflow.active_run().info.run_id
+    text = report.read_text(encoding="utf-8")
+    for path, image_folder in images.items():
+        relative = os.path.relpath(path, (final or report).parent)
+        url = artifact_url(tracking, run_id, f"{image_folder}/{Path(path).name}")
+        text = text.replace(f"]({relative})", f"]({url})")
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = Path(scratch) / report.name
+        copy.write_text(text, encoding="utf-8")
+        mlflow.log_artifact(str(copy), folder)
 
 
 def resolve_adapter(config: Config, spec: str | None) -> Path:

@@ -13,7 +13,7 @@ from ..config import Config
 from ..lineage import dvc_lock_hashes, read_provenance
 from ..outputs import read_jsonl
 from ..reports.before_after import plot_loss, plot_metrics, render_before_after
-from ..tracking import mlflow_run
+from ..tracking import log_markdown, mlflow_run
 
 
 def run_report(config: Config, report_path: Path, loss_plot: Path, metrics_plot: Path) -> None:
@@ -33,5 +33,7 @@ def run_report(config: Config, report_path: Path, loss_plot: Path, metrics_plot:
     report = render_before_after(metrics, generations, provenance, lock_hashes, provenance["config"], figures)
     report_path.write_text(report, encoding="utf-8")
     with mlflow_run(config.tracking, run_id=metrics["mlflow_run_id"]):
-        for path in (report_path, loss_plot, metrics_plot):
+        for path in (loss_plot, metrics_plot):
             mlflow.log_artifact(str(path), "reports")
+        plots = {paths.loss_plot: "reports", paths.metrics_plot: "reports"}  # linked from paths.report's folder
+        log_markdown(config.tracking, Path(report_path), "reports", plots, Path(paths.report))
