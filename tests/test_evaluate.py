@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -156,6 +157,15 @@ def test_evaluation_has_every_metric_per_category_and_the_merge_parity(trained):
     parity = metrics["merge_parity"]
     assert parity["ok"] and parity["loss_difference"] <= 1e-4 and parity["identical_answers"] == parity["answers"]
     assert parity["adapter_loss"] == pytest.approx(metrics["tuned"]["loss"], abs=1e-4)
+    # in MLflow the categories are one table, not a one-bar chart per category, model and metric
+    client = MlflowClient(f"sqlite:///{trained / 'mlflow.db'}")
+    logged = client.get_run(metrics["mlflow_run_id"])
+    assert not [name for name in logged.data.metrics if name.count("/") > 2]
+    table = json.loads(Path(client.download_artifacts(metrics["mlflow_run_id"], "test/by_category.json")).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert {(r["category"], r["model"]) for r in rows} == {(c, m) for c in categories for m in ("base", "tuned")}
+    first = next(r for r in rows if r["model"] == "tuned")
+    assert first["loss"] == pytest.approx(categories[first["category"]]["tuned"]["loss"])
 
 
 def test_quality_gate_fails_the_evaluate_stage_and_writes_nothing(trained, tmp_path, tiny_model_dir):

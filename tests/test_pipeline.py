@@ -5,6 +5,7 @@ import json
 import os
 import re
 from collections import Counter
+from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
@@ -81,8 +82,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_trained):
     assert {
         "test/base/loss",
         "test/tuned/loss",
-        "train/loss",
-        "val/loss",
+        "loss/train",
+        "loss/val",
         "train/mean_loss",
         "train/runtime_s",
     } <= names
@@ -112,7 +113,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_trained):
     # MLflow's markdown viewer shows only absolute image URLs: the logged copy links the run's own plot
     logged = mlflow.artifacts.download_artifacts(run_id=run_data.info.run_id, artifact_path="reports/before_after.md")
     url = f"http://127.0.0.1:5000/get-artifact?path=reports%2Floss_curve.png&run_uuid={run_data.info.run_id}"
-    assert f"]({url})" in open(logged).read() and "](loss_curve.png)" in report
+    assert f"]({url})" in Path(logged).read_text() and "](loss_curve.png)" in report
     data_artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(run_data.info.run_id, "data")}
     assert {"data/data_report.md", "data/data_lengths.png"} <= data_artifacts
     assert run_data.info.artifact_uri.startswith((tiny_project / "mlartifacts").as_uri())

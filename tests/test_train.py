@@ -93,7 +93,7 @@ def test_lora_training_moves_every_adapter_weight_and_no_base_weight(tiny_model_
     assert metrics["steps"] == 12 and "val_loss" in metrics
     losses = [row["loss"] for row in step_log.rows]
     assert len(losses) == 12 and losses[-1] < losses[0]
-    history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "loss/train")
     assert [m.step for m in history] == list(range(1, 13))
 
 

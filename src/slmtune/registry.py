@@ -42,6 +42,4 @@ def log_tuned_model(config: Any, adapter_dir: Path) -> str | None:
         pip_requirements=[f"{name}=={version}" for name, version in package_versions(RUNTIME_PACKAGES).items()],
         registered_model_name=registered_name(config),
     )
-    version = str(info.registered_model_version)
-    print(f"registered MLflow model {registered_name(config)} version {version}")
-    return version
+    return str(info.registered_model_version)  # MLflow prints the name and version

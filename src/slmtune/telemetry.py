@@ -63,14 +63,15 @@ class MemoryMonitor:
 
 
 STEP_METRICS = {
-    "loss": "train/loss",
+    "loss": "loss/train",
     "grad_norm": "train/grad_norm",
     "learning_rate": "train/learning_rate",
     "epoch": "train/epoch",
-    "eval_loss": "val/loss",
+    "eval_loss": "loss/val",
 }
-"""The Trainer's per-step log keys and their one MLflow name each: training figures under train/, the validation
-loss under val/. The rest (eval runtimes, the end-of-training summary) is left out: the train stage logs the
+"""The Trainer's per-step log keys and their one MLflow name each: the two loss curves under loss/ (MLflow lists
+chart sections alphabetically, so they come before the evaluation's one-bar charts), the other training
+figures under train/. The rest (eval runtimes, the end-of-training summary) is left out: the train stage logs the
 run's own summary once (`train/mean_loss`, `train/runtime_s`, `train/tokens_per_second`)."""
 
 

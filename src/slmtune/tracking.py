@@ -237,11 +237,11 @@ def evaluation_run(tracking: TrackingConfig, adapter_run_id: str, config: dict[s
 
 SUMMARY_METRICS = {
     "train_loss": "train/mean_loss",
-    "val_loss": "val/loss",
+    "val_loss": "loss/val",
     "train_runtime_s": "train/runtime_s",
     "tokens_per_second": "train/tokens_per_second",
 }
-"""The training summary's figures and their MLflow names (`val/loss` continues the per-step validation curve)."""
+"""The training summary's figures and their MLflow names (`loss/val` continues the per-step validation curve)."""
 RUN_FACTS = ("padding_free", "bf16", "gradient_checkpointing", "processes", "sharded")
 """How the run trained: facts, logged as `slmtune.` tags rather than one-bar metric charts."""
 

@@ -5,7 +5,6 @@ the optional quality gate, logged to this execution's MLflow run."""
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,18 @@ from ..evaluation import check_gate, evaluate_base_and_tuned
 from ..lineage import read_provenance
 from ..outputs import write_json, write_jsonl
 from ..tracking import evaluation_run
+
+
+def by_category_table(categories: dict[str, Any]) -> dict[str, list[Any]]:
+    """Per-category scores as table columns: one row per category and model."""
+    rows = [
+        {"category": category, "model": model, "examples": entry["examples"]}
+        | {k: v if math.isfinite(v) else None for k, v in entry[model].items()}
+        for category, entry in categories.items()
+        for model in ("base", "tuned")
+    ]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return {column: [row.get(column) for row in rows] for column in columns}
 
 
 def run_evaluate(config: Config, metrics_path: Path, generations_path: Path) -> dict[str, Any]:
@@ -30,11 +41,8 @@ def run_evaluate(config: Config, metrics_path: Path, generations_path: Path) -> 
         for model in ("base", "tuned"):
             scores = metrics[model].items()
             mlflow.log_metrics({f"test/{model}/{k}": v for k, v in scores if isinstance(v, (int, float))})
-        for category, entry in metrics.get("by_category", {}).items():
-            key = re.sub(r"[^\w\-. ]", "_", category)
-            for model in ("base", "tuned"):
-                scores = entry[model].items()
-                mlflow.log_metrics({f"test/{model}/{key}/{k}": v for k, v in scores if math.isfinite(v)})
+        if metrics.get("by_category"):  # a table, not a one-bar chart per category, model and metric
+            mlflow.log_table(by_category_table(metrics["by_category"]), "test/by_category.json")
         if "merge_parity" in metrics:
             mlflow.log_metrics({f"merge_parity/{k}": float(v) for k, v in metrics["merge_parity"].items()})
         if gate:
