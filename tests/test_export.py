@@ -2,9 +2,12 @@
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -19,7 +22,15 @@ def test_merge_saves_a_standalone_model_with_parity(trained, tmp_path):
     assert parity["ok"] and parity["loss_difference"] <= 1e-4
     model = AutoModelForCausalLM.from_pretrained(output)  # plain transformers, no peft
     assert type(model).__name__ == "LlamaForCausalLM" and (output / "tokenizer.json").is_file()
-    assert json.loads((output / "provenance.json").read_text())["mlflow"]["run_id"]
+    train_run = json.loads((output / "provenance.json").read_text())["mlflow"]["run_id"]
+    # the merge's MLflow run sits under the training run, with its params and result file
+    logged = re.search(r"logged to MLflow run (\w+), under training run (\w+)", result.stdout)
+    assert logged and logged.group(2) == train_run
+    client = MlflowClient(f"sqlite:///{trained / 'mlflow.db'}")
+    merge_run = client.get_run(logged.group(1))
+    assert merge_run.data.tags["mlflow.parentRunId"] == train_run and merge_run.info.run_name.startswith("merge of ")
+    assert merge_run.data.params["output"] == str(output) and merge_run.data.metrics["merge/ok"] == 1.0
+    assert json.loads(Path(client.download_artifacts(logged.group(1), "merge/merge.json")).read_text())["ok"]
     # The merged weights are the base's plus scale * B @ A of the saved adapter, worked out here from the files
     # (parity alone cannot see a dropped adapter when the adapter moves the loss by less than the tolerance)
     base = load_file(trained / "models/base/model.safetensors")
