@@ -143,6 +143,9 @@ def run_in_terminal(args: list[str], cwd: Path, timeout: float = 600) -> tuple[i
                 break
             seen += chunk
     finished, status = os.waitpid(pid, os.WNOHANG)
+    while not finished and time.monotonic() < deadline:  # the terminal closes a moment before the process exits
+        time.sleep(0.1)
+        finished, status = os.waitpid(pid, os.WNOHANG)
     if not finished:
         os.kill(pid, 9)
         os.waitpid(pid, 0)

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from conftest import stage_env
 from slmtune.config import TrackingConfig
 from slmtune.experiments import close_child_runs, schedule_child_runs
-from slmtune.tracking import ADAPTER_RUN_TAG, evaluation_run, open_store, pipeline_run
+from slmtune.tracking import ADAPTER_RUN_TAG, BASELINE_TAG, EXP_NAME_TAG, evaluation_run, open_store, pipeline_run
 
 WORKER = """
 import sys
@@ -91,7 +91,7 @@ def test_workspace_runs_are_tagged_and_experiment_runs_resume_their_scheduled_ru
     with pipeline_run(tracking, "train") as workspace:
         pass
     tags = MlflowClient().get_run(workspace.info.run_id).data.tags
-    assert tags["dvc.exp_name"] == "workspace" and tags["dvc.baseline_rev"] == "unknown"
+    assert tags[EXP_NAME_TAG] == "workspace" and tags[BASELINE_TAG] == "unknown"
 
     experiment_id = open_store(tracking)
     with mlflow.start_run(experiment_id=experiment_id) as parent:
