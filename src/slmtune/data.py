@@ -205,9 +205,12 @@ def _missing_columns(rows: list[Row], source: SourceConfig) -> list[str]:
     return [column_of(source, f) for f in required if column_of(source, f) not in present]
 
 
-def read_records(name: str, source: SourceConfig) -> tuple[list[dict[str, Any]], list[Problem], int]:
-    """Records of one source, the problems of its rows, and how many rows were read."""
-    rows, unreadable = read_source(
+def read_records(
+    name: str, source: SourceConfig, read: tuple[list[Row], list[Problem]] | None = None
+) -> tuple[list[dict[str, Any]], list[Problem], int]:
+    """Records of one source, the problems of its rows, and how many rows were read (`read`: the source's rows
+    and unreadable rows when the caller has read them already)."""
+    rows, unreadable = read or read_source(
         source.path, source_format(source.path, source.format), source.dataset_split, source.revision
     )
     missing = _missing_columns(rows, source)

@@ -81,11 +81,11 @@ def detect_shape(rows: list[Row], path: str) -> Shape:
             present.setdefault(str(column).lower(), column)
     turn_columns = [c for c in present.values() if any(_is_turn_list(r.values.get(c)) for r in rows[:50])]
     if turn_columns:
-        column = _find(present, CHAT_COLUMNS, set()) if _find(present, CHAT_COLUMNS) in turn_columns else None
-        column = column or turn_columns[0]
+        named = _find(present, CHAT_COLUMNS)
+        column = named if named in turn_columns else turn_columns[0]
         sample = next(r.values[column] for r in rows if _is_turn_list(r.values.get(column)))
         name = "conversations (ShareGPT from/value)" if "from" in sample[0] else "messages (role/content turns)"
-        return _shape("chat", name, {"messages": column, "system": _find(present, SYSTEM_COLUMNS)}, present)
+        return _shape("chat", name, {"messages": column, "system": _find(present, SYSTEM_COLUMNS)})
     output = _find(present, OUTPUT_COLUMNS)
     instruction = _find(present, INSTRUCTION_COLUMNS[:-1]) or (_find(present, ("input",)) if output else None)
     if instruction and output:
@@ -103,13 +103,13 @@ def detect_shape(rows: list[Row], path: str) -> Shape:
             "system": _find(present, SYSTEM_COLUMNS),
             "category": _find(present, CATEGORY_COLUMNS),
         }
-        return _shape("instruction", name, mapping, present)
+        return _shape("instruction", name, mapping)
     text = _find(present, TEXT_COLUMNS)
     label = _find(present, LABEL_COLUMNS)
     if text and label:
-        return _shape("label", "text/label (classification)", {"text": text, "label": label}, present)
+        return _shape("label", "text/label (classification)", {"text": text, "label": label})
     if text and not output:
-        return _shape("text", "text (raw text)", {"text": text, "category": _find(present, CATEGORY_COLUMNS)}, present)
+        return _shape("text", "text (raw text)", {"text": text, "category": _find(present, CATEGORY_COLUMNS)})
     found = ", ".join(present.values()) or "none"
     raise DataError(
         f"{path}: cannot tell what the columns mean (found: {found}); known shapes: {'; '.join(KNOWN_SHAPES)}. "
@@ -118,7 +118,7 @@ def detect_shape(rows: list[Row], path: str) -> Shape:
     )
 
 
-def _shape(kind: str, name: str, mapping: dict[str, str | None], present: dict[str, str]) -> Shape:
+def _shape(kind: str, name: str, mapping: dict[str, str | None]) -> Shape:
     """Only the fields found, and only those whose column is not already the field's own name."""
     columns = {f: c for f, c in mapping.items() if c is not None and c != f}
     return Shape(kind, name, columns)
@@ -129,7 +129,7 @@ def _default_name(path: Path) -> str:
     return name if name[0].isalpha() else f"data_{name}"
 
 
-def length_summary(lengths: list[int], context: int | None) -> list[str]:
+def length_summary(lengths: list[int]) -> list[str]:
     """Percentiles and a histogram by power-of-two buckets, as lines for the terminal."""
     ordered = sorted(lengths)
 
@@ -228,8 +228,7 @@ def add_data(root: Path, file: str, name: str | None, force: bool) -> int:
         print(f"  {field_name} <- column '{column}'")
 
     source = SourceConfig(path=str(given), kind=shape.kind, columns=dict(shape.columns))
-    records, problems, _ = read_records(name, source)
-    problems = list(unreadable) + [p for p in problems if p not in unreadable]
+    records, problems, _ = read_records(name, source, (rows, unreadable))
     records, duplicates = find_duplicates(records)
     problems += duplicates
 
@@ -262,7 +261,7 @@ def add_data(root: Path, file: str, name: str | None, force: bool) -> int:
     if reasons:
         print("  dropped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())))
     print(f"token lengths with the base model's tokenizer ({config.model.source}), template {config.data.template}:")
-    for line in length_summary(lengths, context):
+    for line in length_summary(lengths):
         print(line)
     if config.data.max_length is not None:
         chosen = f"data.max_length={bound} is set in conf/; longer rows follow data.on_invalid"

