@@ -10,6 +10,7 @@ A file it cannot place, a row problem it cannot skip, or a name already taken st
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import re
 import shutil
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import CONF_DIR, CONF_NAME, PARAMS_FILE, DataConfig, SourceConfig, compose_params
+from .config import CONF_DIR, CONF_NAME, PARAMS_FILE, SourceConfig, compose_params
 from .errors import ConfigError, DataError
 from .formats import Problem, Row, read_source, source_format
 
@@ -233,12 +234,7 @@ def add_data(root: Path, file: str, name: str | None, force: bool) -> int:
     problems += duplicates
 
     tokenizer, context = load_source_tokenizer(config.model)
-    data = DataConfig(
-        **{k: getattr(config.data, k) for k in ("template", "chat_template", "system_prompt", "train_on_prompt")},
-        max_length=None,
-        truncate=config.data.truncate,
-        sources={name: source},
-    )
+    data = dataclasses.replace(config.data, max_length=None, sources={name: source})  # every length, unbounded
     lengths: list[int] = []
     if shape.kind in ("text", "label"):
         lengths = [len(tokenizer(r["text"])["input_ids"]) for r in records]
