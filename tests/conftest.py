@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"
 PROJECT_FILES = ("conf", "dvc.yaml", "stages", "src", "data/raw", ".dvc/config", ".dvcignore", ".gitignore")
 # Fast settings for the tiny model: a few steps, short answers.
-STAGES = ["base", "prepare", "tokenize", "train", "evaluate", "report"]
+STAGES = ["base", "prepare", "augment", "tokenize", "train", "evaluate", "report"]
 TINY_OVERRIDES = [
     "train.max_steps=6",
     "train.eval_steps=3",

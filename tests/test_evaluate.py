@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from conftest import DATA, REPO, SLMTUNE, TINY_OVERRIDES, copy_project, run, splits_for, stage_env
 from slmtune.config import compose_params
 from slmtune.evaluation import response_loss, response_losses
+from slmtune.facts import check_answer, stated_facts
 from slmtune.inference import generate_answers
 from slmtune.modeling import load_model
 from slmtune.prompting import generation_prompt
@@ -137,7 +138,7 @@ def test_batched_generation_equals_one_by_one(tiny_model_dir, tiny_tokenizer, re
 def test_evaluation_has_every_metric_per_category_and_the_merge_parity(trained):
     metrics = json.loads((trained / "reports/metrics.json").read_text())
     expected = {"loss", "perplexity", "bleu", "rouge1", "rouge2", "rougeL", "exact_match", "token_f1", "contains"}
-    assert set(metrics["base"]) == set(metrics["tuned"]) == expected
+    assert set(metrics["base"]) == set(metrics["tuned"]) == expected | {"fact_accuracy"}
     assert metrics["generation"] == {
         "do_sample": False,
         "num_beams": 1,
@@ -154,6 +155,15 @@ def test_evaluation_has_every_metric_per_category_and_the_merge_parity(trained):
     for name, entry in categories.items():  # each category's mean is the mean of its rows
         rows = [g for g in generations if g["category"] == name]
         assert entry["tuned"]["rougeL"] == pytest.approx(sum(g["tuned_rougeL"] for g in rows) / len(rows))
+    # fact accuracy: the share of answers with key facts that state them all, each answer's check recorded
+    checked = [g for g in generations if g["facts"]]
+    assert len(checked) == metrics["fact_examples"] > 0
+    for model in ("base", "tuned"):
+        assert metrics[model]["fact_accuracy"] == sum(g[f"{model}_facts"]["right"] for g in checked) / len(checked)
+        for g in checked:
+            check = check_answer(g[model], stated_facts(g["facts"]))
+            assert g[f"{model}_facts"]["right"] == check.right and g[f"{model}_facts"]["missing"] == check.missing
+    assert metrics["validation"]["fact_examples"] > 0 and 0 <= metrics["validation"]["fact_accuracy"] <= 1
     parity = metrics["merge_parity"]
     assert parity["ok"] and parity["loss_difference"] <= 1e-4 and parity["identical_answers"] == parity["answers"]
     assert parity["adapter_loss"] == pytest.approx(metrics["tuned"]["loss"], abs=1e-4)

@@ -37,6 +37,10 @@ class PathsConfig:
     """Normalised records split into train/val/test JSONL."""
     data_stats: str = "reports/data_stats.json"
     """Row counts and drops from `prepare`."""
+    augmented: str = "data/augmented"
+    """The training split with its generated rows (augment stage), and its stats."""
+    augment_stats: str = "reports/augment_stats.json"
+    """What augmentation generated: counts by kind, leaks dropped."""
     tokenized: str = "data/tokenized"
     """Token ids and label masks per split."""
     token_stats: str = "reports/token_stats.json"
@@ -93,8 +97,8 @@ class ModelConfig:
 SOURCE_FORMATS = ("auto", "csv", "jsonl", "json", "parquet", "txt", "disk", "hub")
 SOURCE_KINDS = ("instruction", "chat", "text", "label")
 KIND_FIELDS = {
-    "instruction": ("instruction", "input", "output", "system", "category"),
-    "chat": ("messages", "system", "category"),
+    "instruction": ("instruction", "input", "output", "system", "category", "facts"),
+    "chat": ("messages", "system", "category", "facts"),
     "text": ("text", "category"),
     "label": ("text", "label", "category"),
 }
@@ -162,6 +166,10 @@ class DataConfig:
     """Share of prompts in the test split (sources without a given split)."""
     split_seed: int = 42
     """Seed of the deterministic shuffle before splitting and of weighted sampling."""
+    every_answer_in_train: bool = False
+    """Knowledge data (several questions per answer): an answer whose every row fell into validation or test gets one
+    row moved into training (a validation row first), so that held-out questions ask about trained facts in new
+    words; a fact no training row states cannot be learned."""
     template: str = "auto"
     """Prompt template: auto (chat when the tokenizer has a chat template, else alpaca), chat, alpaca, tags or
     custom."""
@@ -204,6 +212,46 @@ METHOD_ADAPTERS = ("lora", "none")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 TASKS = ("causal_lm", "classification")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+AUGMENT_GENERATORS = ("none", "rules", "model", "endpoint")
+
+
+@dataclass
+class AugmentConfig:
+    """Knowledge augmentation of the training split (the augment stage): more ways to ask each question and to state
+    each answer, so that facts are learned rather than memorised in one wording."""
+
+    generator: str = "rules"
+    """none, rules (offline: question frames, word-order variants, questions from the answer's words, statement
+    frames), model (a local causal LM rewords them) or endpoint (an OpenAI-compatible server rewords them)."""
+    questions: int = 6
+    """New questions per training example (each paired with the answer or one of its restatements)."""
+    statements: int = 2
+    """Restatements of each answer."""
+    text: bool = True
+    """Also add the answer and its restatements as raw text (every token trained: continued pre-training)."""
+    model: Optional[str] = None
+    """generator=model: a local model folder or cached hub id; null: the base model."""
+    endpoint: Optional[str] = None
+    """generator=endpoint: the server's OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1."""
+    endpoint_model: str = "default"
+    """generator=endpoint: the model name sent to the server."""
+    api_key_env: Optional[str] = "OPENAI_API_KEY"
+    """generator=endpoint: environment variable holding the server's API key (never written to params.yaml)."""
+    timeout: float = 60.0
+    """generator=endpoint: seconds to wait for one answer."""
+    max_new_tokens: int = 96
+    """generator=model or endpoint: longest rewrite."""
+
+    def check(self, where: str) -> None:
+        _one_of(where, "augment.generator", self.generator, AUGMENT_GENERATORS)
+        if self.questions < 0 or self.statements < 0:
+            raise ConfigError(f"{where}: augment.questions and augment.statements must be >= 0.")
+        if self.generator == "endpoint" and not self.endpoint:
+            raise ConfigError(
+                f"{where}: augment.generator=endpoint needs augment.endpoint, e.g. http://127.0.0.1:8080/v1."
+            )
 
 
 @dataclass
@@ -393,6 +441,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -406,6 +455,7 @@ class Config:
         self.train.check(where)
         self.eval.check(task, where)
         self.data.check(self.paths.raw_data, where)
+        self.augment.check(where)
         wrong = sorted(
             name for name, src in self.data.sources.items() if (src.kind == "label") != (task == "classification")
         )

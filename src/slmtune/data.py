@@ -8,6 +8,7 @@ A record is plain data with `source` (the row's location), `origin` (the source'
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import Counter
@@ -172,7 +173,23 @@ def row_to_record(row: Row, source: SourceConfig, origin: str) -> dict[str, Any]
         record["messages"] = _chat_turns(row.values, source)
     else:
         record["messages"] = _instruction_turns(row.values, source)
+    if source.kind in ("instruction", "chat"):
+        facts = _facts(row.values, column_of(source, "facts"))
+        if facts:
+            record["facts"] = facts
     return record
+
+
+def _facts(values: dict[str, Any], column: str) -> list[str]:
+    """The optional key facts of an answer (fact accuracy checks them): a list, or text split at `;`."""
+    raw = values.get(column)
+    if raw is None or (isinstance(raw, float) and math.isnan(raw)):
+        return []
+    if isinstance(raw, str):
+        return [item.strip() for item in raw.split(";") if item.strip()]
+    if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        return [item.strip() for item in raw if item.strip()]
+    raise RowProblem("wrong type", f"column '{column}' must be a list of strings or ';'-separated text")
 
 
 def normalise_text(text: str) -> str:
@@ -272,6 +289,31 @@ def random_split(
     return {name: [r for key in parts[name] for r in groups[key]] for name in SPLIT_NAMES}
 
 
+def answer_key(record: dict[str, Any]) -> str:
+    """The normalised final answer of a conversation ('' for raw text and labels)."""
+    turns = record.get("messages") or []
+    return normalise_text(turns[-1]["content"]) if turns and turns[-1]["role"] == "assistant" else ""
+
+
+def answers_into_train(splits: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Knowledge data: each answer held out whole (every wording of it in validation or test) gets one row moved
+    into training, so that held-out questions ask about trained facts in new words. Validation rows move first,
+    so that the test split changes least."""
+    trained = {answer_key(record) for record in splits["train"]}
+    moved: list[dict[str, Any]] = []
+    for name in ("val", "test"):
+        kept = []
+        for record in splits[name]:
+            key = answer_key(record)
+            if key and key not in trained:
+                trained.add(key)
+                moved.append(record)
+            else:
+                kept.append(record)
+        splits[name] = kept
+    return splits | {"train": splits["train"] + moved}
+
+
 def find_leaks(splits: dict[str, list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[Problem]]:
     """Training records whose normalised prompt is also asked in val or test: the training copies are problems."""
     held_out: dict[str, str] = {}
@@ -358,6 +400,8 @@ def prepare_data(data: Any) -> PreparedData:
     issues.add(duplicates)
     given = [r for r in records if data.sources[r["origin"]].split is None]
     splits = random_split(given, data.val_fraction, data.test_fraction, data.split_seed)
+    if data.every_answer_in_train:
+        splits = answers_into_train(splits)
     for record in records:
         if data.sources[record["origin"]].split is not None:
             splits[data.sources[record["origin"]].split].append(record)

@@ -1,5 +1,6 @@
-"""Base vs tuned on the test split: loss, perplexity, greedy answers scored with BLEU, ROUGE-1/2/L, exact
-match, token F1 and contains-match, per category where the data has categories; the merged adapter's parity;
+"""Base vs tuned on the test split: loss, perplexity, greedy answers scored with fact accuracy (every key fact of
+the reference stated), BLEU, ROUGE-1/2/L, exact match, token F1 and contains-match, per category where the data
+has categories; the merged adapter's parity;
 the optional quality gate. Classification: accuracy, macro F1 and loss."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from transformers import DataCollatorWithPadding, set_seed
 
 from .config import Config
 from .errors import QualityGateError
+from .facts import Check, Fact, check_answer, fact_accuracy, key_facts, subject_names
 from .inference import generate_answers
 from .losses import supports_trained_positions, trained_token_losses
 from .metrics import MODULES_DIR, PER_EXAMPLE, TEXT_MODULES, lower_is_better
@@ -94,18 +96,23 @@ def score_model(
     test_tokens: Any,
     prompt_ids: list[list[int]],
     references: list[str],
+    facts: list[list[Fact]],
     name: str = "model",
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Loss, perplexity and text metrics of one model (`name` labels its progress); returns (summary, per-example
-    scores, answers and losses)."""
+    """Loss, perplexity, fact accuracy and text metrics of one model (`name` labels its progress); returns (summary,
+    per-example scores, fact checks, answers and losses)."""
     losses = response_losses(model, tokenizer, test_tokens, config.eval.batch_size, f"{name} test loss")
     loss = mean_loss(losses)
     set_seed(config.train.seed)
     eval_ = config.eval
     answers = generate_answers(model, tokenizer, prompt_ids, eval_.max_new_tokens, eval_.batch_size, f"{name} generate")
     scores = text_metrics(answers, references)
+    checks = [check_answer(answer, example_facts) for answer, example_facts in zip(answers, facts)]
     summary = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))} | {name: scores[name] for name in PER_EXAMPLE}
-    details = {"answers": answers, "losses": losses} | {name: scores[f"{name}_per_example"] for name in PER_EXAMPLE}
+    if any(check.facts for check in checks):
+        summary = {"fact_accuracy": fact_accuracy(checks)} | summary
+    details = {"answers": answers, "losses": losses, "checks": checks}
+    details |= {name: scores[f"{name}_per_example"] for name in PER_EXAMPLE}
     return summary, details
 
 
@@ -115,6 +122,24 @@ def question_text(record: dict[str, Any]) -> str:
         return " ".join(record["text"].split()[:12]) + " …"
     user = [t for t in record["messages"] if t["role"] == "user"][-1]
     return user["content"] + (f" — {user['input']}" if user.get("input") else "")
+
+
+def validation_facts(model: Any, tokenizer: Any, config: Config) -> dict[str, Any]:
+    """Fact accuracy of the tuned model's greedy answers on the validation split: what sweeps rank by (choosing a
+    recipe by the test split would tune it to the test questions). Empty when no validation answer has key facts."""
+    path = Path(config.paths.prepared) / "val.jsonl"
+    records = [r for r in read_jsonl(path) if "messages" in r] if path.is_file() else []
+    prompts = [generation_prompt(r, config.data, tokenizer, config.eval.max_new_tokens) for r in records]
+    facts = test_facts(records, [reference for _, _, reference in prompts])
+    keep = [i for i, example in enumerate(facts) if example]
+    if not keep:
+        return {}
+    eval_ = config.eval
+    set_seed(config.train.seed)
+    ids = [prompts[i][1] for i in keep]
+    answers = generate_answers(model, tokenizer, ids, eval_.max_new_tokens, eval_.batch_size, "tuned validation")
+    checks = [check_answer(answer, facts[i]) for answer, i in zip(answers, keep)]
+    return {"fact_accuracy": fact_accuracy(checks), "fact_examples": len(checks)}
 
 
 def base_model(config: Config, labels: list[str] | None, pad_token_id: int) -> Any:
@@ -139,6 +164,21 @@ def score_base_and_tuned(
         return base, tuned, score(model.merge_and_unload(), "merged") if merged else None
     tuned = score(load_model(adapter, config.model.dtype, None, labels, pad_token_id), "tuned")
     return score(base_model(config, labels, pad_token_id), "base"), tuned, None
+
+
+def user_text(record: dict[str, Any]) -> str:
+    """Every user turn of a record (what a key fact must not merely repeat)."""
+    turns = [t for t in record.get("messages", []) if t["role"] == "user"]
+    return " ".join(t["content"] + " " + t.get("input", "") for t in turns)
+
+
+def test_facts(records: list[dict[str, Any]], references: list[str]) -> list[list[Fact]]:
+    """The key facts of each test example: its own `facts`, else extracted from its reference (raw text: none)."""
+    subject = subject_names(references)
+    return [
+        [] if "text" in record else key_facts(record, reference, user_text(record), subject)
+        for record, reference in zip(records, references)
+    ]
 
 
 def test_prompts(config: Config, tokenizer: Any) -> tuple[list[dict[str, Any]], list[str], list[list[int]], list[str]]:
@@ -190,6 +230,9 @@ def by_category(
             entry[model] = {"loss": loss} | {
                 name: sum(detail[name][i] for i in rows) / len(rows) for name in PER_EXAMPLE
             }
+            checked = [detail["checks"][i] for i in rows if detail["checks"][i].facts]
+            if checked:
+                entry[model]["fact_accuracy"] = fact_accuracy(checked)
         table[category or "(none)"] = entry
     return table
 
@@ -199,6 +242,11 @@ def check_gate(config: Config, metrics: dict[str, Any]) -> dict[str, Any] | None
     name = config.eval.gate_metric
     if not name:
         return None
+    if name not in metrics["tuned"]:
+        raise QualityGateError(
+            f"quality gate: eval.gate_metric={name} has no value: no test answer has key facts (numbers, dates, "
+            "names...) and no `facts` column gives them; nothing written. Add a facts column or gate on another metric."
+        )
     base, tuned = metrics["base"][name], metrics["tuned"][name]
     drop = tuned - base if lower_is_better(name) else base - tuned
     verdict = {
@@ -225,23 +273,30 @@ def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[s
         return evaluate_classifier(config)
     tokenizer = load_tokenizer(config.paths.base_model)
     records, prompts, prompt_ids, references = test_prompts(config, tokenizer)
+    facts = test_facts(records, references)
     test_tokens = load_from_disk(config.paths.tokenized)["test"]
     token_sources = list(test_tokens["source"])
     test_tokens = test_tokens.select_columns(["input_ids", "labels"])
 
+    validation: dict[str, Any] = {}
+
+    def score(model: Any, name: str) -> tuple[dict[str, float], dict[str, Any]]:
+        if name == "tuned":
+            validation.update(validation_facts(model, tokenizer, config))
+        return score_model(model, tokenizer, config, test_tokens, prompt_ids, references, facts, name)
+
     base, tuned, merged = score_base_and_tuned(
-        config,
-        None,
-        tokenizer.pad_token_id,
-        lambda model, name: score_model(model, tokenizer, config, test_tokens, prompt_ids, references, name),
-        merged=config.eval.merge_parity,
+        config, None, tokenizer.pad_token_id, score, merged=config.eval.merge_parity
     )
     metrics: dict[str, Any] = {
         "base": base[0],
         "tuned": tuned[0],
         "test_examples": len(records),
+        "fact_examples": sum(bool(example) for example in facts),
         "generation": generation_settings(config),
     }
+    if validation:
+        metrics["validation"] = validation
     categories = by_category(records, token_sources, {"base": base[1], "tuned": tuned[1]})
     if categories:
         metrics["by_category"] = categories
@@ -256,6 +311,9 @@ def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[s
             "reference": reference,
             "base": base[1]["answers"][i],
             "tuned": tuned[1]["answers"][i],
+            "facts": [fact.text for fact in facts[i]],
+            "base_facts": _check_dict(base[1]["checks"][i]),
+            "tuned_facts": _check_dict(tuned[1]["checks"][i]),
         }
         | {
             f"{model}_{name}": detail[1][name][i]
@@ -265,6 +323,10 @@ def evaluate_base_and_tuned(config: Config) -> tuple[dict[str, Any], list[dict[s
         for i, (record, prompt, reference) in enumerate(zip(records, prompts, references))
     ]
     return metrics, generations
+
+
+def _check_dict(check: Check) -> dict[str, Any]:
+    return {"right": check.right, "missing": check.missing, "wrong": check.wrong} if check.facts else {}
 
 
 @torch.no_grad()

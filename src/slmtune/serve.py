@@ -10,7 +10,6 @@ tokenizer's chat template rather than the training template, has no API key and 
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import secrets
 import socket
@@ -29,6 +28,7 @@ from transformers import TextIteratorStreamer, set_seed
 from .config import Config, DataConfig
 from .errors import ConfigError
 from .inference import generation_kwargs, load, prompt_ids
+from .network import is_loopback
 
 ROLES = ("system", "user", "assistant")
 
@@ -219,15 +219,6 @@ def build_app(
         yield "data: [DONE]\n\n"
 
     return app
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def listen(host: str, port: int) -> socket.socket:

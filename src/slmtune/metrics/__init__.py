@@ -28,6 +28,7 @@ class Metric:
 
 
 CAUSAL_LM = (
+    Metric("fact_accuracy", "Fact accuracy (every key fact stated)", "max", "score", "facts"),
     Metric("loss", "Test loss (response tokens)", "min", "loss", "loss"),
     Metric("perplexity", "Perplexity", "min", "loss", "perplexity"),
     Metric("bleu", "BLEU-4 (corpus)", "max", "score", "BLEU"),
@@ -46,12 +47,13 @@ CLASSIFICATION = (
 BY_TASK = {"causal_lm": CAUSAL_LM, "classification": CLASSIFICATION}
 """The metrics of each model.task, in report order."""
 PER_EXAMPLE = ("bleu", "rouge1", "rouge2", "rougeL", "exact_match", "token_f1", "contains")
-"""Text metrics with a score per example (BLEU: smoothed sentence BLEU), averaged per category."""
+"""Text metrics with a score per example (BLEU: smoothed sentence BLEU), averaged per category. Fact accuracy
+(`slmtune.facts`) is per example too, over the examples that have key facts."""
 TEXT_MODULES = ("bleu", "rouge", "answer_match", "contains_match")
 """The local `evaluate` modules that compute the causal-LM text metrics."""
-SWEEP_COLUMNS = ("loss", "perplexity", "rougeL", "contains")
+SWEEP_COLUMNS = ("fact_accuracy", "loss", "perplexity", "rougeL", "contains")
 """Tuned-model metrics every sweep report shows beside the ranking metric."""
-CATEGORY_COLUMNS = ("loss", "rougeL", "token_f1", "exact_match", "bleu")
+CATEGORY_COLUMNS = ("fact_accuracy", "loss", "rougeL", "token_f1", "exact_match", "bleu")
 """Metrics of the report's per-category table (BLEU there: mean sentence BLEU)."""
 ANSWER_SCORES = ("rougeL", "token_f1", "contains")
 """Per-example scores the report prints beside each answer."""

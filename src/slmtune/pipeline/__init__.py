@@ -2,7 +2,7 @@
 nothing else. A stage script in `stages/` loads `params.yaml`, calls its `run_*` inside
 `staged_outputs` (all outputs or none), and turns a user error into one line with `stage_main`.
 
-    base -> prepare -> tokenize -> train -> evaluate -> report
+    base -> prepare -> augment -> tokenize -> train -> evaluate -> report
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The evaluate stage: base vs tuned on the test split (loss, perplexity, BLEU, ROUGE-1/2/L, exact match,
-token F1, contains-match, per category; classification: accuracy, macro F1, loss), the merge parity and
-the optional quality gate, logged to this execution's MLflow run."""
+"""The evaluate stage: base vs tuned on the test split (fact accuracy, loss, perplexity, BLEU, ROUGE-1/2/L, exact
+match, token F1, contains-match, per category; classification: accuracy, macro F1, loss), the tuned model's fact
+accuracy on the validation split (for sweeps), the merge parity and the optional quality gate, logged to this
+execution's MLflow run."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def run_evaluate(config: Config, metrics_path: Path, generations_path: Path) -> 
             mlflow.log_metrics({f"test/{model}/{k}": v for k, v in scores if isinstance(v, (int, float))})
         if metrics.get("by_category"):  # a table, not a one-bar chart per category, model and metric
             mlflow.log_table(by_category_table(metrics["by_category"]), "test/by_category.json")
+        if "validation" in metrics:
+            mlflow.log_metric("validation/tuned/fact_accuracy", metrics["validation"]["fact_accuracy"])
         if "merge_parity" in metrics:
             mlflow.log_metrics({f"merge_parity/{k}": float(v) for k, v in metrics["merge_parity"].items()})
         if gate:

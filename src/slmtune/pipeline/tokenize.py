@@ -25,7 +25,9 @@ def run_tokenize(
     paths = config.paths
     tokenizer = load_tokenizer(paths.base_model)
     classify = config.model.task == "classification"
-    records = {name: read_jsonl(Path(paths.prepared) / f"{name}.jsonl") for name in SPLIT_NAMES}
+    # training rows from the augment stage (the prepared ones plus generated rows), the others as prepared
+    folders = {name: paths.augmented if name == "train" else paths.prepared for name in SPLIT_NAMES}
+    records = {name: read_jsonl(Path(folders[name]) / f"{name}.jsonl") for name in SPLIT_NAMES}
     context = model_context(paths.base_model)
     examples, stats = tokenize_splits(
         records, config.data, tokenizer, classify, Issues(config.data.on_invalid), context
@@ -44,7 +46,8 @@ def run_tokenize(
     DatasetDict({name: split for name, split in splits.items() if len(split)}).save_to_disk(str(tokenized_dir))
     write_json(stats_path, stats)
     data_stats = json.loads(Path(paths.data_stats).read_text(encoding="utf-8"))
+    augment_stats = json.loads(Path(paths.augment_stats).read_text(encoding="utf-8"))
     plot_lengths(plot_path, {name: [len(e.input_ids) for e in split] for name, split in examples.items()})
     plot_link = os.path.relpath(paths.length_plot, Path(paths.data_report).parent)
-    report_path.write_text(render_data_report(data_stats, stats, plot_link), encoding="utf-8")
+    report_path.write_text(render_data_report(data_stats, stats, plot_link, augment_stats), encoding="utf-8")
     return stats

@@ -86,9 +86,35 @@ def predictions_section(generations: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fact_check(row: dict[str, Any], model: str) -> str:
+    """The answer's fact check: right, or the missing and wrong facts ('' when the example has no key facts)."""
+    check = row.get(f"{model}_facts") or {}
+    if not check:
+        return ""
+    if check["right"]:
+        return "✓ facts right"
+    stated_instead = [w.split(" instead of ")[-1] for w in check["wrong"]]
+    missing = [f"missing {fact}" for fact in check["missing"] if fact not in stated_instead]
+    return "✗ facts: " + "; ".join(check["wrong"] + missing)
+
+
+def fact_summary(metrics: dict[str, Any], generations: list[dict[str, Any]]) -> str:
+    """One sentence: how many answers of each model state every key fact."""
+    checked = [row for row in generations if row.get("tuned_facts")]
+    if not checked:
+        return ""
+    right = {model: sum(row[f"{model}_facts"]["right"] for row in checked) for model in ("base", "tuned")}
+    return (
+        f"Key facts (numbers with their units, dates, times, addresses, names): the base model states all of them in "
+        f"{right['base']} of {len(checked)} answers, the fine-tuned model in {right['tuned']} of {len(checked)} "
+        f"({metrics['test_examples'] - len(checked)} test answers have none). Each answer below shows its check.\n\n"
+    )
+
+
 def _scores(row: dict[str, Any], model: str) -> str:
     shown = [key for key in ANSWER_SCORES if f"{model}_{key}" in row]
-    return ", ".join(f"{short_name(key)} {row[f'{model}_{key}']:.2f}" for key in shown)
+    scores = ", ".join(f"{short_name(key)} {row[f'{model}_{key}']:.2f}" for key in shown)
+    return "; ".join(part for part in (_fact_check(row, model), scores) if part)
 
 
 def answers_section(generations: list[dict[str, Any]]) -> str:
@@ -102,7 +128,8 @@ def answers_section(generations: list[dict[str, Any]]) -> str:
             f"*source: `{row['source']}`*\n\n"
             f"**Prompt (as the model sees it)**\n\n```text\n{row['prompt'].rstrip()}\n```\n\n"
             f"**Reference**\n\n{_quote(row['reference'])}\n\n"
-            f"**Base model** ({_scores(row, 'base')})\n\n{_quote(row['base'])}\n\n"
+            + (f"Key facts: {', '.join(row['facts'])}\n\n" if row.get("facts") else "")
+            + f"**Base model** ({_scores(row, 'base')})\n\n{_quote(row['base'])}\n\n"
             f"**Fine-tuned** ({_scores(row, 'tuned')})\n\n{_quote(row['tuned'])}\n"
         )
     return "\n".join(parts)
@@ -145,6 +172,7 @@ def render_before_after(
         f"Model `{params['model']['source']}` ({params['model'].get('task', 'causal_lm')}), method {method['name']}"
         f"{rank}, data {source_list}, {metrics['test_examples']} test prompts.\n\n"
         f"## Metrics\n\n{metrics_table(metrics)}\n\n"
+        + fact_summary(metrics, generations)
         + "".join(f"![{name}]({link})\n\n" for name, link in (figures or {}).items())
         + category_table(metrics)
         + checks_section(metrics)

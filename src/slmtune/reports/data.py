@@ -13,7 +13,21 @@ SKIPPED_LISTED = 100
 """Skipped rows listed in the data report; data_stats.json and token_stats.json list them all."""
 
 
-def render_data_report(data_stats: dict[str, Any], token_stats: dict[str, Any], plot_link: str) -> str:
+def augment_line(stats: dict[str, Any] | None) -> str:
+    """What knowledge augmentation added to the training split."""
+    if not stats or not stats.get("generated"):
+        return "Knowledge augmentation: off (augment.generator=none).\n\n" if stats else ""
+    kinds = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in stats["by_kind"].items())
+    return (
+        f"Knowledge augmentation ({stats['generator']}): {stats['generated']} generated training rows ({kinds}) from "
+        f"{stats['sources_augmented']} of {stats['original']} training examples; {stats['dropped_leaks']} dropped "
+        "because they matched a validation or test prompt. The train split below counts them as examples.\n\n"
+    )
+
+
+def render_data_report(
+    data_stats: dict[str, Any], token_stats: dict[str, Any], plot_link: str, augment_stats: dict[str, Any] | None = None
+) -> str:
     """`data_report.md`: rows per split and source, drops by reason, token lengths and the trained share."""
     splits = list(SPLIT_NAMES)
     by_source = data_stats["rows_by_source"]
@@ -46,7 +60,8 @@ def render_data_report(data_stats: dict[str, Any], token_stats: dict[str, Any], 
         f"Template `{token_stats['template']}`, max length {token_stats['max_length']} tokens "
         f"({token_stats.get('max_length_chosen', 'set by data.max_length')}), "
         f"invalid rows: {data_stats['on_invalid']}, split seed {data_stats['split_seed']}.\n\n"
-        "## Rows per source and split\n\n"
+        + augment_line(augment_stats)
+        + "## Rows per source and split\n\n"
         + table(["source", "path", "kind", "rows read", *splits, "weight", "split"], sources)
         + "\n\nTraining rows are counted after weighting.\n\n## Token lengths per split\n\n"
         + table([*length_header, "truncated"], lengths)

@@ -1,0 +1,189 @@
+"""The augment stage: knowledge augmentation of the training split, by the rules and through a real local
+OpenAI-compatible HTTP endpoint; generated rows name their source row and never match a validation or test prompt."""
+
+import json
+import random
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import TINY_OVERRIDES, make_project, run, stage_env
+from slmtune.augmentation import augment_record, augment_split
+from slmtune.config import AugmentConfig
+from slmtune.data import prompt_key
+
+QUESTION = "How many days of bereavement leave are there?"
+ANSWER = "You get 5 paid days of bereavement leave for the loss of an immediate family member."
+
+
+def record(source="kb.csv:2", question=QUESTION, answer=ANSWER):
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"source": source, "origin": "kb", "category": "", "messages": messages}
+
+
+def test_rules_ask_each_question_in_new_ways_and_restate_its_answer():
+    config = AugmentConfig(generator="rules", questions=6, statements=2, text=True)
+    rows = augment_record(record(), None, config, random.Random(0))
+    pairs = [r for r in rows if "messages" in r]
+    texts = [r["text"] for r in rows if "text" in r]
+    questions = [r["messages"][0]["content"] for r in pairs]
+    assert len(pairs) == 6 and len(set(questions)) == 6 and QUESTION not in questions
+    assert all(r["augmented_from"] == "kb.csv:2" and r["generator"] == "rules" for r in rows)
+    assert len({r["source"] for r in rows}) == len(rows) and all(r["source"].startswith("kb.csv:2#") for r in rows)
+    # every answer and statement still states the fact; questions built from the answer leave the fact out
+    assert all("5 paid days" in r["messages"][1]["content"] for r in pairs)
+    assert len(texts) == 3 and ANSWER in texts and all("5 paid days" in t for t in texts)
+    from_answer = [q for q in questions if "immediate family member" in q]
+    assert from_answer and not any("5" in q for q in from_answer)
+    # the same seed gives the same rows
+    assert augment_record(record(), None, config, random.Random(0)) == rows
+
+
+def test_no_generated_prompt_matches_a_validation_or_test_prompt():
+    config = AugmentConfig(generator="rules", questions=50, statements=0, text=False)  # every candidate
+    held_out = record("kb.csv:9", f"Quick question: {QUESTION}")
+    splits = {"train": [record()], "val": [], "test": [held_out]}
+    train, stats = augment_split(splits, config, "models/base", 42)
+    assert stats["dropped_leaks"] == 1 and stats["generated"] == len(train) - 1 > 10
+    assert prompt_key(held_out) not in {prompt_key(r) for r in train}
+    off = augment_split(splits, AugmentConfig(generator="none"), "models/base", 42)
+    assert off == ([record()], {"generator": "none", "original": 1, "generated": 0, "by_kind": {}})
+
+
+class Rewriter(BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat completions endpoint that rewords by rule, one good and two bad rewrites in turn
+    (by the request's seed): a good one, a non-question / a wrong number, and an unchanged copy."""
+
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        Rewriter.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        prompt = body["messages"][-1]["content"]
+        kind = body["seed"] % 3
+        if "Question: " in prompt:
+            text = prompt.split("Question: ", 1)[1]
+            reply = [f"In other words, {text}", "I cannot help with that.", text][kind]
+        else:
+            text = prompt.split("Statement: ", 1)[1]
+            wrong = re.sub(r"\d+", lambda m: str(int(m.group(0)) + 1), text)
+            reply = [f"Put simply: {text}", wrong if wrong != text else "Nothing to add.", text.upper()][kind]
+        answer = {
+            "id": "rw",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def rewriter():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Rewriter)
+    Rewriter.requests = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_endpoint_augmentation_trains_the_tiny_model_and_fails_in_one_line_when_unreachable(
+    tmp_path, tiny_model_dir, rewriter
+):
+    url = f"http://127.0.0.1:{rewriter.server_address[1]}/v1"
+    overrides = [
+        f"model.source={tiny_model_dir}",
+        "model.gguf_file=null",
+        *TINY_OVERRIDES,
+        "augment.generator=endpoint",
+        f"augment.endpoint={url}",
+        "augment.endpoint_model=rewriter-1",
+        "augment.api_key_env=REWRITER_KEY",
+        "augment.questions=3",
+        "augment.statements=3",
+    ]
+    project = make_project(tmp_path / "project", overrides)
+    env = stage_env() | {"REWRITER_KEY": "secret-key"}
+    result = subprocess.run(["dvc", "repro", "train"], cwd=project, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Running stage 'augment'" in result.stdout and "Running stage 'train'" in result.stdout
+
+    assert Rewriter.requests and all(r["path"] == "/v1/chat/completions" for r in Rewriter.requests)
+    assert {r["auth"] for r in Rewriter.requests} == {"Bearer secret-key"}
+    assert {r["body"]["model"] for r in Rewriter.requests} == {"rewriter-1"}
+    stats = json.loads((project / "reports/augment_stats.json").read_text())
+    rows = [json.loads(line) for line in (project / "data/augmented/train.jsonl").read_text().splitlines()]
+    prepared = (project / "data/prepared/train.jsonl").read_text().splitlines()
+    generated = rows[len(prepared) :]
+    assert stats["generator"] == "endpoint" and stats["generated"] == len(generated) > 0
+    sources = {json.loads(line)["source"]: json.loads(line) for line in prepared}
+    for row in generated:
+        original = sources[row["augmented_from"]]
+        assert row["generator"] == "endpoint"
+        if "messages" in row:  # only the good rewrite of a question; the answer or its good restatement
+            question = original["messages"][-2]["content"]
+            assert row["messages"][-2]["content"] == f"In other words, {question}"
+            answer = original["messages"][-1]["content"]
+            assert row["messages"][-1]["content"] in (answer, f"Put simply: {answer}")
+        else:  # statements: the answer and its good restatement, never a changed number or the copy in capitals
+            answer = original["messages"][-1]["content"]
+            assert row["text"] in (answer, f"Put simply: {answer}")
+    report = (project / "reports/data_report.md").read_text()
+    assert f"Knowledge augmentation (endpoint): {stats['generated']} generated training rows" in report
+    token_stats = json.loads((project / "reports/token_stats.json").read_text())
+    assert token_stats["splits"]["train"]["examples"] == len(rows)
+
+    # the server gone: one line naming the endpoint, exit 1, the previous output untouched
+    before = (project / "data/augmented/train.jsonl").read_bytes()
+    rewriter.shutdown()
+    rewriter.server_close()
+    script = [sys.executable, "-P", "stages/augment.py"]
+    failed = subprocess.run(script, cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1
+    assert failed.stderr.startswith(f"error: augment.endpoint {url}: unreachable")
+    assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+    assert (project / "data/augmented/train.jsonl").read_bytes() == before
+
+
+def test_a_remote_endpoint_is_refused_while_offline(tmp_path, tiny_model_dir):
+    overrides = [f"model.source={tiny_model_dir}", "augment.generator=endpoint", "augment.endpoint=http://10.0.0.1/v1"]
+    project = make_project(tmp_path / "project", overrides)
+    run(["dvc", "repro", "prepare"], project)
+    failed = subprocess.run(
+        [sys.executable, "-P", "stages/augment.py"], cwd=project, env=stage_env(), capture_output=True, text=True
+    )
+    assert failed.returncode == 1
+    assert failed.stderr == (
+        "error: augment.endpoint http://10.0.0.1/v1: not on this machine and the pipeline is offline "
+        "(HF_HUB_OFFLINE=1); set HF_HUB_OFFLINE=0 to use a remote server, or use augment.generator=rules.\n"
+    )
+    assert not (project / "data/augmented").exists()
+
+
+def test_a_local_model_rewords_and_only_questions_that_keep_their_facts_stay(tiny_model_dir):
+    """The tiny model's random words are neither questions nor statements of the facts: all are dropped; the
+    generator runs the model's real loading and sampling."""
+    config = AugmentConfig(generator="model", model=str(tiny_model_dir), questions=2, statements=2, max_new_tokens=8)
+    splits = {"train": [record(), record("kb.csv:3", "What is the gym subsidy?", "It is 40 euros per month.")]}
+    train, stats = augment_split(splits | {"val": [], "test": []}, config, "unused", 42)
+    assert stats["generator"] == "model" and stats["generated"] == len(train) - 2
+    # what remains are the original answers as text (statements: the answers themselves are always kept)
+    assert all(row.get("text") in (ANSWER, "It is 40 euros per month.") for row in train[2:])
+    missing = AugmentConfig(generator="model", model=str(tiny_model_dir.parent / "absent"))
+    with pytest.raises(Exception, match="augment.model .*cannot load it"):
+        augment_split(splits | {"val": [], "test": []}, missing, "unused", 42)
