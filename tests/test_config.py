@@ -41,7 +41,17 @@ def test_every_shipped_option_composes_and_validates(tmp_path, group, option):
     composed = config_to_dict(config)[group]
     own = yaml.safe_load((REPO / "conf" / group / f"{option}.yaml").read_text())
     own.pop("defaults", None)
+    if group == "train" and own["learning_rate"] is None:  # null: the method's rate, resolved on loading
+        own["learning_rate"] = config.method.learning_rate
     assert holds(composed, own), (group, option)  # what the option file says is what the config holds
+
+
+def test_the_learning_rate_is_the_methods_unless_set(tmp_path):
+    rate = lambda *overrides: compose_params(REPO, tmp_path / "params.yaml", list(overrides)).train.learning_rate  # noqa: E731
+    assert rate() == rate("method=qlora") == 1e-3
+    assert rate("method=full") == 1e-4
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["train"]["learning_rate"] is None
+    assert rate("method=full", "train.learning_rate=3e-5") == 3e-5
 
 
 def test_every_conf_file_is_covered_by_a_group():

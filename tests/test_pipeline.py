@@ -68,7 +68,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_trained):
         if entry["path"] in lock:
             assert lock[entry["path"]] == entry["md5"], entry["path"]
             assert entry["md5"] in report
-    assert {"prepared", "tokenized", "base_model"} <= set(provenance["inputs"])
+    assert {"prepared", "augmented", "tokenized", "base_model"} <= set(provenance["inputs"])
     assert set(provenance["code"]) == set(imported_code("train"))  # every module that shapes a batch or a weight
     head = run(["git", "rev-parse", "HEAD"], tiny_project).stdout.strip()
     assert provenance["git"]["commit"] == head and head in report

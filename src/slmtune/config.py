@@ -166,7 +166,7 @@ class DataConfig:
     """Share of prompts in the test split (sources without a given split)."""
     split_seed: int = 42
     """Seed of the deterministic shuffle before splitting and of weighted sampling."""
-    every_answer_in_train: bool = False
+    every_answer_in_train: bool = True
     """Knowledge data (several questions per answer): an answer whose every row fell into validation or test gets one
     row moved into training (a validation row first), so that held-out questions ask about trained facts in new
     words; a fact no training row states cannot be learned."""
@@ -287,6 +287,9 @@ class MethodConfig:
     """Rank-stabilised LoRA: scale by alpha / sqrt(r), so that higher ranks keep learning."""
     modules_to_save: Optional[list[str]] = None
     """Extra modules trained in full and saved with the adapter (classification: the head, picked automatically)."""
+    learning_rate: float = 1e-3
+    """The method's usual peak learning rate, used when train.learning_rate is null (LoRA 1e-3; full fine-tuning
+    1e-4: every weight moves, so a LoRA rate would wreck the model)."""
 
     def check(self, where: str) -> None:
         _one_of(where, "method.adapter", self.adapter, METHOD_ADAPTERS)
@@ -310,8 +313,8 @@ class TrainConfig:
     """Passes over the training split (ignored when max_steps > 0)."""
     max_steps: int = -1
     """Stop after this many optimiser steps; -1 trains for `epochs`."""
-    learning_rate: float = 1e-3
-    """Peak learning rate."""
+    learning_rate: Optional[float] = None
+    """Peak learning rate; null: the method's (method.learning_rate), so that switching method keeps a sane rate."""
     lr_scheduler: str = "cosine"
     """transformers scheduler name: linear, cosine, constant, constant_with_warmup..."""
     warmup_ratio: float = 0.05
@@ -453,6 +456,8 @@ class Config:
         _one_of(where, "model.task", task, TASKS)
         self.method.check(where)
         self.train.check(where)
+        if self.train.learning_rate is None:  # resolved here, so provenance and MLflow record the rate used
+            self.train.learning_rate = self.method.learning_rate
         self.eval.check(task, where)
         self.data.check(self.paths.raw_data, where)
         self.augment.check(where)

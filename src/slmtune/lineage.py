@@ -273,7 +273,7 @@ compares the configuration with `params.yaml` (non-zero exit on any mismatch).
 
 
 def input_digests(config: Any) -> dict[str, dict[str, Any]]:
-    """DVC md5 of every data and model input of the adapter: each data source, the prepared and
+    """DVC md5 of every data and model input of the adapter: each data source, the prepared, augmented and
     tokenized data and the base model. Hub datasets cannot be hashed: their pinned revision stands in."""
     digests: dict[str, dict[str, Any]] = {}
     for name, source in config.data.sources.items():
@@ -281,7 +281,7 @@ def input_digests(config: Any) -> dict[str, dict[str, Any]]:
             digests[f"source/{name}"] = {"path": source.path, "md5": None, "revision": source.revision}
         else:
             digests[f"source/{name}"] = {"path": source.path, "md5": dvc_md5(source.path)}
-    for name in ("prepared", "tokenized", "base_model"):
+    for name in ("prepared", "augmented", "tokenized", "base_model"):
         path = getattr(config.paths, name)
         digests[name] = {"path": path, "md5": dvc_md5(path)}
     return digests
