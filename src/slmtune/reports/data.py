@@ -21,7 +21,8 @@ def augment_line(stats: dict[str, Any] | None) -> str:
     return (
         f"Knowledge augmentation ({stats['generator']}): {stats['generated']} generated training rows ({kinds}) from "
         f"{stats['sources_augmented']} of {stats['original']} training examples; {stats['dropped_leaks']} dropped "
-        "because they matched a validation or test prompt. The train split below counts them as examples.\n\n"
+        "because they matched a validation or test prompt. The train split below includes them (statements as text are "
+        "chunked like raw text).\n\n"
     )
 
 
