@@ -34,8 +34,9 @@ def test_rules_ask_each_question_in_new_ways_and_restate_its_answer():
     assert len(pairs) == 6 and len(set(questions)) == 6 and QUESTION not in questions
     assert all(r["augmented_from"] == "kb.csv:2" and r["generator"] == "rules" for r in rows)
     assert len({r["source"] for r in rows}) == len(rows) and all(r["source"].startswith("kb.csv:2#") for r in rows)
-    # every answer and statement still states the fact; questions built from the answer leave the fact out
-    assert all("5 paid days" in r["messages"][1]["content"] for r in pairs)
+    # each new question gets the answer as the data gives it; the statements still state the fact; questions
+    # built from the answer leave the fact out
+    assert all(r["messages"][1]["content"] == ANSWER for r in pairs)
     assert len(texts) == 3 and ANSWER in texts and all("5 paid days" in t for t in texts)
     from_answer = [q for q in questions if "immediate family member" in q]
     assert from_answer and not any("5" in q for q in from_answer)
@@ -135,11 +136,10 @@ def test_endpoint_augmentation_trains_the_tiny_model_and_fails_in_one_line_when_
     for row in generated:
         original = sources[row["augmented_from"]]
         assert row["generator"] == "endpoint"
-        if "messages" in row:  # only the good rewrite of a question; the answer or its good restatement
+        if "messages" in row:  # only the good rewrite of a question, with the original answer
             question = original["messages"][-2]["content"]
             assert row["messages"][-2]["content"] == f"In other words, {question}"
-            answer = original["messages"][-1]["content"]
-            assert row["messages"][-1]["content"] in (answer, f"Put simply: {answer}")
+            assert row["messages"][-1]["content"] == original["messages"][-1]["content"]
         else:  # statements: the answer and its good restatement, never a changed number or the copy in capitals
             answer = original["messages"][-1]["content"]
             assert row["text"] in (answer, f"Put simply: {answer}")

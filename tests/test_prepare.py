@@ -555,3 +555,25 @@ def test_skipped_rows_are_counted_and_listed_and_training_goes_on(tmp_path, tiny
     assert stats["dropped"] == {"broken JSON": 1} and sum(stats["rows"].values()) == 12
     report = (project / "reports/data_report.md").read_text()
     assert "| broken JSON | 1 | 0 |" in report and "`data/raw/bad/broken_json.jsonl:5` (broken JSON)" in report
+
+
+def test_an_answer_held_out_in_every_wording_gets_one_wording_into_training():
+    from slmtune.data import answers_into_train
+
+    def row(source, question, answer):
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return {"source": source, "messages": messages}
+
+    gold = "CareWell Gold has an annual deductible of 250 euros."
+    splits = {
+        "train": [row("t1", "How many leave days?", "27 days."), row("t2", "Yearly leave?", "27 days.")],
+        "val": [row("v1", "Gold deductible?", gold), row("v2", "Unique val?", "Only here.")],
+        "test": [row("s1", "What do I pay first on Gold?", gold), row("s2", "Gold plan deductible?", gold)]
+        + [row("s3", "Holiday count?", "27 days."), row("s4", "Unique test?", "Said once.")],
+    }
+    moved = answers_into_train({name: list(part) for name, part in splits.items()})
+    assert [r["source"] for r in moved["train"]] == ["t1", "t2", "v1"]  # a validation wording first
+    assert [r["source"] for r in moved["val"]] == ["v2"]  # an answer given once stays held out
+    assert [r["source"] for r in moved["test"]] == ["s1", "s2", "s3", "s4"]  # the test split keeps its questions
+    only_test = {"train": splits["train"], "val": [], "test": splits["test"]}
+    assert [r["source"] for r in answers_into_train(only_test)["train"]] == ["t1", "t2", "s1"]

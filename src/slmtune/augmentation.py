@@ -297,7 +297,8 @@ def _pick(candidates: list[str], n: int, seen: set[str], rng: random.Random) -> 
 def augment_record(
     record: dict[str, Any], generator: Generator | None, config: AugmentConfig, rng: random.Random
 ) -> list[dict[str, Any]]:
-    """The generated rows of one training record: question-answer pairs and (config.text) plain statements."""
+    """The generated rows of one training record: new questions paired with its answer, and (config.text) the answer
+    and its restatements as plain statements."""
     pair = _question_and_answer(record)
     if pair is None:
         return []
@@ -310,17 +311,12 @@ def augment_record(
     questions = _pick(generated_questions(generator, question, answer, config.questions), config.questions, seen_q, rng)
     seen_a = {normalise_text(answer)}
     statements = _pick(generated_statements(generator, answer, config.statements), config.statements, seen_a, rng)
-    answers = [answer, *statements]
     rows = []
-    for index, q in enumerate(questions):
-        messages = [
-            *system,
-            {"role": "user", "content": q},
-            {"role": "assistant", "content": answers[index % len(answers)]},
-        ]
+    for index, q in enumerate(questions):  # the answer as the data gives it: the form the model should answer in
+        messages = [*system, {"role": "user", "content": q}, {"role": "assistant", "content": answer}]
         rows.append(base | {"source": f"{record['source']}#q{index + 1}", "messages": messages})
     if config.text:
-        for index, statement in enumerate([answer, *statements][: config.statements + 1]):
+        for index, statement in enumerate([answer, *statements]):
             rows.append(base | {"source": f"{record['source']}#t{index + 1}", "text": statement})
     return rows
 

@@ -167,9 +167,9 @@ class DataConfig:
     split_seed: int = 42
     """Seed of the deterministic shuffle before splitting and of weighted sampling."""
     every_answer_in_train: bool = True
-    """Knowledge data (several questions per answer): an answer whose every row fell into validation or test gets one
-    row moved into training (a validation row first), so that held-out questions ask about trained facts in new
-    words; a fact no training row states cannot be learned."""
+    """Knowledge data (several questions per answer): an answer asked in several wordings whose every row fell into
+    validation or test gets one row moved into training (a validation row first), so that held-out questions ask
+    about trained facts in new words; a fact no training row states cannot be learned. Answers given once stay."""
     template: str = "auto"
     """Prompt template: auto (chat when the tokenizer has a chat template, else alpaca), chat, alpaca, tags or
     custom."""
@@ -226,9 +226,9 @@ class AugmentConfig:
     """none, rules (offline: question frames, word-order variants, questions from the answer's words, statement
     frames), model (a local causal LM rewords them) or endpoint (an OpenAI-compatible server rewords them)."""
     questions: int = 6
-    """New questions per training example (each paired with the answer or one of its restatements)."""
+    """New questions per training example (each paired with the example's answer)."""
     statements: int = 2
-    """Restatements of each answer."""
+    """Restatements of each answer, added as raw text (with `text`)."""
     text: bool = True
     """Also add the answer and its restatements as raw text (every token trained: continued pre-training)."""
     model: Optional[str] = None

@@ -296,16 +296,17 @@ def answer_key(record: dict[str, Any]) -> str:
 
 
 def answers_into_train(splits: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
-    """Knowledge data: each answer held out whole (every wording of it in validation or test) gets one row moved
-    into training, so that held-out questions ask about trained facts in new words. Validation rows move first,
-    so that the test split changes least."""
+    """Knowledge data: an answer asked in several wordings, all of them held out (in validation or test), gets one
+    row moved into training, so that held-out questions ask about trained facts in new words. Validation rows move
+    first, so that the test split changes least; answers given once stay where they are."""
     trained = {answer_key(record) for record in splits["train"]}
+    counts = Counter(answer_key(record) for part in splits.values() for record in part)
     moved: list[dict[str, Any]] = []
     for name in ("val", "test"):
         kept = []
         for record in splits[name]:
             key = answer_key(record)
-            if key and key not in trained:
+            if key and counts[key] > 1 and key not in trained:
                 trained.add(key)
                 moved.append(record)
             else:
