@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import TINY_OVERRIDES, make_project, run, stage_env
-from slmtune.augmentation import augment_record, augment_split
+from slmtune.augmentation import Generator, augment_record, augment_split
 from slmtune.config import AugmentConfig
 from slmtune.data import prompt_key
 
@@ -188,3 +188,42 @@ def test_a_local_model_rewords_and_only_questions_that_keep_their_facts_stay(tin
     missing = AugmentConfig(generator="model", model=str(tiny_model_dir.parent / "absent"))
     with pytest.raises(Exception, match="augment.model .*cannot load it"):
         augment_split(splits | {"val": [], "test": []}, missing, "unused", 42)
+
+
+class Canned(Generator):
+    """A generator whose rewrites are fixed: the filter, not the model, is under test."""
+
+    name = "canned"
+
+    def __init__(self, questions, statements):
+        self.replies = {"Question": questions, "Statement": statements}
+
+    def rewrite(self, prompt, n):
+        return self.replies["Question" if "Question: " in prompt else "Statement"][:n]
+
+
+def test_a_models_rewrites_are_kept_only_when_they_keep_the_facts():
+    question = "Is the gym subsidy 40 euros at CareWell?"
+    answer = "Lumora pays a gym subsidy of 40 euros per month through CareWell."
+    generator = Canned(
+        questions=[
+            "Does CareWell give a 40 euro gym subsidy?",  # kept
+            "Tell me about the gym subsidy.",  # not a question
+            "Is the gym subsidy 50 euros at CareWell?",  # another number
+            "Is the gym subsidy paid at all?",  # the number and the name gone
+            "is the gym subsidy 40 euros at carewell?",  # the original, up to case
+        ],
+        statements=[
+            "Through CareWell, Lumora gives 40 euros a month for the gym.",  # kept
+            "Lumora pays a gym subsidy of 45 euros per month through CareWell.",  # wrong number
+            "Lumora pays a gym subsidy.",  # facts gone
+        ],
+    )
+    config = AugmentConfig(generator="endpoint", endpoint="http://127.0.0.1:1/v1", questions=5, statements=3)
+    rows = augment_record(record("kb.csv:4", question, answer), generator, config, random.Random(0))
+    questions = [r["messages"][0]["content"] for r in rows if "messages" in r]
+    assert questions == ["Does CareWell give a 40 euro gym subsidy?"]
+    assert sorted(r["text"] for r in rows if "text" in r) == sorted(
+        [answer, "Through CareWell, Lumora gives 40 euros a month for the gym."]
+    )
+    assert {r["generator"] for r in rows} == {"canned"}
