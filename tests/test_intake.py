@@ -53,6 +53,9 @@ def test_every_known_shape_is_recognised_with_its_column_mapping(tmp_path):
         FIXTURES / "raw_text.txt": ("text", {}),
         REPO / "data/raw/product_reviews.csv": ("label", {"text": "review", "label": "sentiment"}),
     }
+    with_facts = tmp_path / "qa_facts.csv"
+    with_facts.write_text('Question,Answer,Key_Facts\n"Gold deductible?","It is 250 euros.","250 euros"\n')
+    expected[with_facts] = ("instruction", {"instruction": "Question", "output": "Answer", "facts": "Key_Facts"})
     for path, (kind, columns) in expected.items():
         shape = shape_of(path)
         assert (shape.kind, shape.columns) == (kind, columns), path.name

@@ -577,3 +577,21 @@ def test_an_answer_held_out_in_every_wording_gets_one_wording_into_training():
     assert [r["source"] for r in moved["test"]] == ["s1", "s2", "s3", "s4"]  # the test split keeps its questions
     only_test = {"train": splits["train"], "val": [], "test": splits["test"]}
     assert [r["source"] for r in answers_into_train(only_test)["train"]] == ["t1", "t2", "s1"]
+
+
+def test_a_facts_column_becomes_the_records_key_facts(tmp_path):
+    path = tmp_path / "raw" / "kb.jsonl"
+    path.parent.mkdir()
+    rows = [
+        {"q": "Gold deductible?", "a": "It is 250 euros.", "facts": "250 euros; CareWell Gold"},
+        {"q": "Leave?", "a": "27 days.", "facts": ["27 days"]},
+        {"q": "Plans?", "a": "Two.", "facts": ""},
+        {"q": "Bad?", "a": "Yes.", "facts": 3},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    source = SourceConfig(path=str(path), columns={"instruction": "q", "output": "a"})
+    records, problems, _ = read_records("kb", source)
+    assert [r.get("facts") for r in records] == [["250 euros", "CareWell Gold"], ["27 days"], None]
+    assert [p.message for p in problems] == [
+        f"{path}:4: column 'facts' must be a list of strings or ';'-separated text."
+    ]

@@ -30,6 +30,8 @@ OUTPUT_COLUMNS = ("output", "response", "answer", "completion", "target")
 CONTEXT_COLUMNS = ("input", "context")
 SYSTEM_COLUMNS = ("system", "system_prompt")
 CATEGORY_COLUMNS = ("category",)
+FACTS_COLUMNS = ("facts", "key_facts")
+"""An answer's key facts, checked by fact accuracy (a list, or `;`-separated)."""
 CHAT_COLUMNS = ("messages", "conversations", "conversation", "chat", "dialog", "turns")
 TEXT_COLUMNS = ("text", "content", "document", "sentence", "review")
 LABEL_COLUMNS = ("label", "labels", "class", "sentiment")
@@ -86,7 +88,8 @@ def detect_shape(rows: list[Row], path: str) -> Shape:
         column = named if named in turn_columns else turn_columns[0]
         sample = next(r.values[column] for r in rows if _is_turn_list(r.values.get(column)))
         name = "conversations (ShareGPT from/value)" if "from" in sample[0] else "messages (role/content turns)"
-        return _shape("chat", name, {"messages": column, "system": _find(present, SYSTEM_COLUMNS)})
+        mapping = {"messages": column, "system": _find(present, SYSTEM_COLUMNS), "facts": _find(present, FACTS_COLUMNS)}
+        return _shape("chat", name, mapping)
     output = _find(present, OUTPUT_COLUMNS)
     instruction = _find(present, INSTRUCTION_COLUMNS[:-1]) or (_find(present, ("input",)) if output else None)
     if instruction and output:
@@ -103,6 +106,7 @@ def detect_shape(rows: list[Row], path: str) -> Shape:
             "output": output,
             "system": _find(present, SYSTEM_COLUMNS),
             "category": _find(present, CATEGORY_COLUMNS),
+            "facts": _find(present, FACTS_COLUMNS),
         }
         return _shape("instruction", name, mapping)
     text = _find(present, TEXT_COLUMNS)
