@@ -288,6 +288,13 @@ def data_figures(config: Config) -> dict[str, Any]:
         figures[f"data_stats.length_max.{split}"] = stats["length"]["max"]
         figures[f"data_stats.truncated.{split}"] = stats["truncated"]
     figures["data_stats.max_length"] = token_stats["max_length"]
+    augment = Path(config.paths.augment_stats)
+    if augment.is_file():  # what knowledge augmentation added to the training split
+        stats = json.loads(augment.read_text(encoding="utf-8"))
+        figures["data_stats.augment.generator"] = stats["generator"]
+        figures["data_stats.augment.generated"] = stats["generated"]
+        figures.update({f"data_stats.augment.{kind}": n for kind, n in stats["by_kind"].items()})
+        figures["data_stats.augment.dropped_leaks"] = stats.get("dropped_leaks", 0)
     for reason, count in (data_stats["dropped"] | token_stats["dropped"]).items():
         figures[f"data_stats.dropped.{reason.replace(' ', '_')}"] = count
     return figures
@@ -297,8 +304,10 @@ def log_data_figures(config: Config) -> None:
     """The data report's figures as MLflow params (constants of the run, not curves: each would be a one-bar
     chart among the metrics), with the report, its histogram and the stats files as artifacts."""
     mlflow.log_params(data_figures(config))
-    for path in (config.paths.length_plot, config.paths.data_stats, config.paths.token_stats):
-        mlflow.log_artifact(path, "data")
+    paths = config.paths
+    for path in (paths.length_plot, paths.data_stats, paths.token_stats, paths.augment_stats):
+        if Path(path).is_file():
+            mlflow.log_artifact(path, "data")
     log_markdown(config.tracking, Path(config.paths.data_report), "data", {config.paths.length_plot: "data"})
 
 
