@@ -633,7 +633,8 @@ def kill_at_checkpoint(project: Path, step: int) -> str:
 
 
 RESUME_BATCHES = {
-    # 86 training examples in batches of 8: 11 steps an epoch, so epoch 1 starts at step 12, epoch 2 at 23
+    # 87 training examples (no augmentation) in batches of 8: 11 steps an epoch, so epoch 1 starts at step 12, epoch
+    # 2 at 23
     "packed-token-bounded": ["train.packing=true", "train.max_batch_tokens=128"],
     "length-grouped": ["train.packing=false", "train.group_by_length=true"],
 }
@@ -655,6 +656,7 @@ def test_training_killed_anywhere_resumes_to_the_uninterrupted_runs_log_and_byte
         "train.eval_steps=12",
         "train.save_total_limit=2",
         "method.dropout=0.1",
+        "augment.generator=none",  # the knowledge base as it is: epoch boundaries at steps 12 and 23
         *batches,
     ]
     whole = make_project(tmp_path / "whole", overrides)
@@ -741,6 +743,10 @@ def validation_loss(project: Path, base: Path, adapter: bool = True) -> float:
     return response_loss(model, load_tokenizer(base), val, 8)
 
 
+WHOLE_SPLIT_BATCH = ["augment.generator=none", "data.every_answer_in_train=false"]
+"""The 86 knowledge-base rows as they are: an even split that one batch holds."""
+
+
 @pytest.mark.pipeline
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_model_dir):
     """DDP over gloo: 2 processes x n/2 examples vs 1 process x n. The global batch is the whole training split,
@@ -759,6 +765,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_
         "train.save_steps=0",
         "train.precision=fp32",  # bf16 roundings differ with the batch shapes of one and two processes
         "train.max_batch_tokens=64",  # each rank's batch runs in pieces, gradients synchronised after the last
+        *WHOLE_SPLIT_BATCH,
     ]
     one = make_project(tmp_path / "one", common)
     run(["dvc", "repro", "tokenize"], one)
@@ -820,6 +827,7 @@ def test_fsdp2_on_two_cpu_processes_trains_like_one_and_resumes_from_its_sharded
         "train.learning_rate=1e-2",
         "method.dropout=0.0",  # each rank draws its own dropout masks
         "train.precision=fp32",  # bf16 roundings differ with the batch shapes of one and two processes
+        *WHOLE_SPLIT_BATCH,
     ]
     one = make_project(tmp_path / "one", common)
     run(["dvc", "repro", "tokenize"], one)
