@@ -222,6 +222,12 @@ def test_check_gate_directions():
     assert check_gate(config, {"base": {"perplexity": 9.0}, "tuned": {"perplexity": 3.0}})["drop"] == -6.0
     with pytest.raises(QualityGateError, match="higher than the base's"):
         check_gate(config, {"base": {"perplexity": 9.0}, "tuned": {"perplexity": float("nan")}})
+    config.eval.gate_metric, config.eval.gate_max_drop = "fact_accuracy", 0.0
+    assert check_gate(config, {"base": {"fact_accuracy": 0.0}, "tuned": {"fact_accuracy": 0.8}})["passed"]
+    with pytest.raises(QualityGateError, match="tuned fact_accuracy 0.4000 is 0.1000 lower than the base's 0.5000"):
+        check_gate(config, {"base": {"fact_accuracy": 0.5}, "tuned": {"fact_accuracy": 0.4}})
+    with pytest.raises(QualityGateError, match="fact_accuracy has no value: no test answer has key facts"):
+        check_gate(config, {"base": {"loss": 1.0}, "tuned": {"loss": 0.5}})
 
 
 def test_gate_metric_must_exist_for_the_task(tmp_path):
@@ -232,7 +238,7 @@ def test_gate_metric_must_exist_for_the_task(tmp_path):
         env=stage_env(),
     )
     assert result.returncode == 1 and result.stderr.count("\n") == 1
-    assert "eval.gate_metric must be one of loss, perplexity, bleu, rouge1, rouge2, rougeL" in result.stderr
+    assert "eval.gate_metric must be one of fact_accuracy, loss, perplexity, bleu, rouge1, rouge2, rougeL" in result.stderr
 
 
 def test_changing_only_evaluation_settings_logs_a_run_of_its_own(tiny_trained, tmp_path):
