@@ -41,7 +41,10 @@ def category_table(metrics: dict[str, Any]) -> str:
     header = ["category", "examples"] + [f"{short_name(key)} base → tuned" for key in CATEGORY_COLUMNS]
     rows = [
         [name, entry["examples"]]
-        + [f"{entry['base'][key]:.3f} → {entry['tuned'][key]:.3f}" for key in CATEGORY_COLUMNS]
+        + [
+            f"{entry['base'][key]:.3f} → {entry['tuned'][key]:.3f}" if key in entry["tuned"] else "–"  # no key facts
+            for key in CATEGORY_COLUMNS
+        ]
         for name, entry in sorted(categories.items())
     ]
     return "## By category\n\n" + table(header, rows) + "\n\n"
