@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import TINY_OVERRIDES, make_project, run, stage_env
-from slmtune.augmentation import Generator, augment_record, augment_split
+from slmtune.augmentation import Generator, augment_answer, augment_split
 from slmtune.config import AugmentConfig
 from slmtune.data import prompt_key
 
@@ -27,7 +27,7 @@ def record(source="kb.csv:2", question=QUESTION, answer=ANSWER):
 
 def test_rules_ask_each_question_in_new_ways_and_restate_its_answer():
     config = AugmentConfig(generator="rules", questions=6, statements=2, text=True)
-    rows = augment_record(record(), None, config, random.Random(0))
+    rows = augment_answer([record()], None, config, random.Random(0))
     pairs = [r for r in rows if "messages" in r]
     texts = [r["text"] for r in rows if "text" in r]
     questions = [r["messages"][0]["content"] for r in pairs]
@@ -41,7 +41,28 @@ def test_rules_ask_each_question_in_new_ways_and_restate_its_answer():
     from_answer = [q for q in questions if "immediate family member" in q]
     assert from_answer and not any("5" in q for q in from_answer)
     # the same seed gives the same rows
-    assert augment_record(record(), None, config, random.Random(0)) == rows
+    assert augment_answer([record()], None, config, random.Random(0)) == rows
+
+
+def test_a_fact_asked_once_gets_as_many_new_questions_as_one_asked_three_times():
+    config = AugmentConfig(generator="rules", questions=6, statements=2, text=True)
+    once = [record("kb.csv:2")]
+    thrice = [
+        record("kb.csv:5", "What is the gym subsidy?", "Lumora pays a gym subsidy of 40 euros per month."),
+        record("kb.csv:6", "Does Lumora pay for the gym?", "Lumora pays a gym subsidy of 40 euros per month."),
+        record("kb.csv:7", "Is there a wellness allowance?", "Lumora pays a gym subsidy of 40 euros per month."),
+    ]
+    train, stats = augment_split({"train": once + thrice, "val": [], "test": []}, config, "unused", 42)
+    generated = train[4:]
+    questions = [r for r in generated if "messages" in r]
+    by_source = {source: sum(r["augmented_from"] == source for r in questions) for source in ("kb.csv:5", "kb.csv:6")}
+    assert sum(r["augmented_from"] == "kb.csv:2" for r in questions) == 6 == len(questions) - 6
+    assert by_source == {"kb.csv:5": 2, "kb.csv:6": 2}  # 6 spread over the three wordings
+    asked = [r["messages"][0]["content"] for r in questions]
+    assert len(set(asked)) == len(asked)  # no two wordings of a fact generate the same question
+    texts = [r["text"] for r in generated if "text" in r]
+    assert len(texts) == 6 and len(set(texts)) == 6  # the answer and 2 restatements, once per answer
+    assert stats["sources_augmented"] == 4
 
 
 def test_no_generated_prompt_matches_a_validation_or_test_prompt():
@@ -220,7 +241,7 @@ def test_a_models_rewrites_are_kept_only_when_they_keep_the_facts():
         ],
     )
     config = AugmentConfig(generator="endpoint", endpoint="http://127.0.0.1:1/v1", questions=5, statements=3)
-    rows = augment_record(record("kb.csv:4", question, answer), generator, config, random.Random(0))
+    rows = augment_answer([record("kb.csv:4", question, answer)], generator, config, random.Random(0))
     questions = [r["messages"][0]["content"] for r in rows if "messages" in r]
     assert questions == ["Does CareWell give a 40 euro gym subsidy?"]
     assert sorted(r["text"] for r in rows if "text" in r) == sorted(

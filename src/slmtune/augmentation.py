@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .config import AugmentConfig
-from .data import find_leaks, normalise_text
+from .data import answer_key, find_leaks, normalise_text
 from .errors import ConfigError, DataError
 from .facts import check_answer, extract_facts
 from .network import offline, url_is_local
@@ -283,41 +283,47 @@ def make_generator(config: AugmentConfig, base_model: str, seed: int) -> Generat
 
 
 def _pick(candidates: list[str], n: int, seen: set[str], rng: random.Random) -> list[str]:
-    """Up to n distinct candidates not yet seen (compared normalised), in a seeded order."""
-    unique = []
-    for text in candidates:
+    """Up to n distinct candidates not yet seen (compared normalised), in a seeded order; the picked ones become
+    seen."""
+    order = list(dict.fromkeys(candidates))
+    rng.shuffle(order)
+    picked = []
+    for text in order:
         key = normalise_text(text)
-        if key and key not in seen:
+        if len(picked) < n and key and key not in seen:
             seen.add(key)
-            unique.append(text)
-    rng.shuffle(unique)
-    return unique[:n]
+            picked.append(text)
+    return picked
 
 
-def augment_record(
-    record: dict[str, Any], generator: Generator | None, config: AugmentConfig, rng: random.Random
+def augment_answer(
+    records: list[dict[str, Any]], generator: Generator | None, config: AugmentConfig, rng: random.Random
 ) -> list[dict[str, Any]]:
-    """The generated rows of one training record: new questions paired with its answer, and (config.text) the answer
-    and its restatements as plain statements."""
-    pair = _question_and_answer(record)
-    if pair is None:
+    """The generated rows of one answer (a fact), given the training records that ask for it: `config.questions`
+    new questions spread over its wordings (so that a fact the data asks once gets as many as one it asks three
+    times), each paired with the answer as the data gives it (the form the model should answer in); and once per
+    answer, with `config.text`, the answer and its restatements as plain statements."""
+    pairs = [pair for pair in map(_question_and_answer, records) if pair is not None]
+    if not pairs:
         return []
-    question, answer = pair
     name = generator.name if generator else "rules"
-    system = [t for t in record["messages"] if t["role"] == "system"]
-    base = {"origin": record["origin"], "category": record.get("category", ""), "augmented_from": record["source"]}
-    base["generator"] = name
-    seen_q = {normalise_text(question)}
-    questions = _pick(generated_questions(generator, question, answer, config.questions), config.questions, seen_q, rng)
-    seen_a = {normalise_text(answer)}
-    statements = _pick(generated_statements(generator, answer, config.statements), config.statements, seen_a, rng)
+    seen_q = {normalise_text(question) for question, _ in pairs}
     rows = []
-    for index, q in enumerate(questions):  # the answer as the data gives it: the form the model should answer in
-        messages = [*system, {"role": "user", "content": q}, {"role": "assistant", "content": answer}]
-        rows.append(base | {"source": f"{record['source']}#q{index + 1}", "messages": messages})
+    for index, (record, (question, answer)) in enumerate(zip(records, pairs)):
+        wanted = config.questions // len(pairs) + (index < config.questions % len(pairs))
+        candidates = generated_questions(generator, question, answer, wanted) if wanted else []
+        system = [t for t in record["messages"] if t["role"] == "system"]
+        base = {"origin": record["origin"], "category": record.get("category", ""), "augmented_from": record["source"]}
+        for number, q in enumerate(_pick(candidates, wanted, seen_q, rng), start=1):
+            messages = [*system, {"role": "user", "content": q}, {"role": "assistant", "content": answer}]
+            rows.append(base | {"generator": name, "source": f"{record['source']}#q{number}", "messages": messages})
     if config.text:
-        for index, statement in enumerate([answer, *statements]):
-            rows.append(base | {"source": f"{record['source']}#t{index + 1}", "text": statement})
+        record, (_, answer) = records[0], pairs[0]
+        seen_a = {normalise_text(answer)}
+        statements = _pick(generated_statements(generator, answer, config.statements), config.statements, seen_a, rng)
+        base = {"origin": record["origin"], "category": record.get("category", ""), "augmented_from": record["source"]}
+        for number, statement in enumerate([answer, *statements], start=1):
+            rows.append(base | {"generator": name, "source": f"{record['source']}#t{number}", "text": statement})
     return rows
 
 
@@ -331,9 +337,13 @@ def augment_split(
         return train, stats
     generator = make_generator(config, base_model, seed)
     rng = random.Random(seed)
+    by_answer: dict[str, list[dict[str, Any]]] = {}
+    for record in train:
+        if _question_and_answer(record) is not None:
+            by_answer.setdefault(answer_key(record), []).append(record)
     generated = []
-    for record in track(train, desc=f"augment ({config.generator})", unit="example"):
-        generated += augment_record(record, generator, config, rng)
+    for records in track(list(by_answer.values()), desc=f"augment ({config.generator})", unit="answer"):
+        generated += augment_answer(records, generator, config, rng)
     kept, leaks = find_leaks({"train": generated, "val": splits.get("val", []), "test": splits.get("test", [])})
     stats["generated"] = len(kept)
     stats["dropped_leaks"] = len(leaks)

@@ -226,9 +226,10 @@ class AugmentConfig:
     """none, rules (offline: question frames, word-order variants, questions from the answer's words, statement
     frames), model (a local causal LM rewords them) or endpoint (an OpenAI-compatible server rewords them)."""
     questions: int = 6
-    """New questions per training example (each paired with the example's answer)."""
+    """New questions per answer (per fact), spread over the training examples that ask for it, each paired with the
+    answer as the data gives it."""
     statements: int = 2
-    """Restatements of each answer, added as raw text (with `text`)."""
+    """Restatements of each answer, added as raw text (with `text`), once per answer."""
     text: bool = True
     """Also add the answer and its restatements as raw text (every token trained: continued pre-training)."""
     model: Optional[str] = None
