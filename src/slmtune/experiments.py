@@ -281,12 +281,16 @@ def stop_queue(root: Path, tasks: dict[str, str]) -> dict[str, str]:
     return {name: states[name] if states[name] in DONE else "Killed" for name in states}
 
 
-def experiment_rows(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    """Name -> flat params and metrics of finished experiments, as `dvc exp show` lists them."""
+def experiment_rows(root: Path, names: list[str], baseline: str) -> dict[str, dict[str, Any]]:
+    """Name -> flat params and metrics of finished experiments, as `dvc exp show` lists them under their baseline
+    commit (which HEAD may have left while they ran)."""
     rows = {}
-    for row in dvc.api.exp_show(repo=str(root)):
+    for row in dvc.api.exp_show(repo=str(root), revs=baseline):
         if row.get("Experiment") in names:
-            rows[row["Experiment"]] = {key.split(":", 1)[-1]: value for key, value in row.items()}
+            flat = {key.split(":", 1)[-1]: value for key, value in row.items()}
+            # a swept config group (`-S method=lora,full`) is shown by its preset's name (`method.name`)
+            groups = {key.split(".")[0]: value for key, value in flat.items() if key.endswith(".name")}
+            rows[row["Experiment"]] = {group: name for group, name in groups.items() if "." not in group} | flat
     return rows
 
 
@@ -400,7 +404,7 @@ def run_sweep(root: Path, overrides: list[str], jobs: int, metric: str, directio
                 missing = [name for name in tasks.values() if name not in children]  # stopped while scheduling
                 children |= schedule_child_runs(experiment_id, parent.info.run_id, missing, baseline)
         with uninterrupted() if stopped else contextlib.nullcontext():
-            rows = experiment_rows(root, [name for name, state in states.items() if state == "Success"])
+            rows = experiment_rows(root, [name for name, state in states.items() if state == "Success"], baseline)
             close_child_runs(children, states, rows, stopped)
             outcome = SweepOutcome(
                 rows, states, children, swept_keys(overrides), metric, order, parent.info.run_id, stopped
