@@ -57,6 +57,26 @@ def test_sweep_ranks_by_the_chosen_metric_in_its_direction():
     )
 
 
+def test_experiments_are_read_under_their_baseline_and_a_swept_group_by_its_preset_name(monkeypatch):
+    """HEAD may move while a sweep runs (a commit in the meantime): `dvc exp show` of HEAD would list none of them."""
+    import dvc.api
+
+    from slmtune.experiments import experiment_rows
+
+    asked = []
+
+    def exp_show(repo, revs=None):
+        asked.append(revs)
+        listed = [{"Experiment": "exp-a", "params.yaml:method.name": "full", "params.yaml:method.r": 16}]
+        return listed + [{"Experiment": "other", "params.yaml:method.name": "lora"}] if revs == "abc123" else []
+
+    monkeypatch.setattr(dvc.api, "exp_show", exp_show)
+    rows = experiment_rows(Path("."), ["exp-a"], "abc123")
+    assert asked == ["abc123"]
+    assert rows == {"exp-a": {"Experiment": "exp-a", "method": "full", "method.name": "full", "method.r": 16}}
+    assert swept_keys(["method=lora,full", "train.max_steps=5"]) == ["method"]
+
+
 def fresh_clone_project(tmp_path: Path, tiny_model_dir: Path) -> Path:
     """A tiny project whose conf/ holds its settings (queued experiments recompose conf/), in the state of a
     fresh clone: dvc.lock committed, no outputs, no cache."""
