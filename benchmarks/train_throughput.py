@@ -16,7 +16,7 @@ dropout, batch size and step count:
   every token trained, HF Trainer + peft LoRA on q_proj/v_proj, fp32;
 - trl: TRL `SFTTrainer` with its defaults (prompt-completion data, peft's default targets q_proj/v_proj; TRL turns on
   bf16 and gradient checkpointing; `use_cpu` set where there is no GPU, which its bf16 default requires);
-- default: this project's train stage (`prepare_model` + `fit`) with the shipped default preset (method=lora, all
+- default: this project's train stage (`prepare_model` + `fit`) with the LoRA preset (method=lora, all
   projections; precision auto); default-fp32: the same in fp32 (the loss curves of the two are printed);
 - qv: the train stage with q_proj/v_proj only; full: the train stage with method=full.
 
@@ -42,8 +42,8 @@ LONG_MAX_LENGTH = 512
 VARIANTS = {
     "seeds": "seeds' script: pandas CSV, pad to 512, Trainer + peft q/v, fp32",
     "trl": "TRL SFTTrainer, its defaults (peft q/v)",
-    "default": "train stage, default preset (lora, all projections), precision auto",
-    "default-fp32": "train stage, default preset, precision fp32",
+    "default": "train stage, LoRA preset (all projections), precision auto",
+    "default-fp32": "train stage, LoRA preset, precision fp32",
     "qv": "train stage, q_proj/v_proj only",
     "full": "train stage, method=full",
 }
@@ -118,9 +118,10 @@ def apply_overrides(config, overrides: list[str]) -> None:
 
 def bench_config(variant: str, steps: int, batch_size: int, tokenized: str, max_length: int):
     """params.yaml with the benchmark's settings: fixed steps, no checkpoints, validation only after training."""
-    from slmtune.config import compose_params, load_config
+    from slmtune.config import compose_params
 
-    config = load_config()
+    # the LoRA preset (the shipped default for the knowledge base is full fine-tuning: the `full` variant)
+    config = compose_params(".", Path(tempfile.mkdtemp()) / "params.yaml", ["method=lora"])
     config.paths.tokenized = tokenized
     config.data.max_length = max_length
     train = config.train

@@ -31,6 +31,7 @@ PROJECT_FILES = ("conf", "dvc.yaml", "stages", "src", "data/raw", ".dvc/config",
 # Fast settings for the tiny model: a few steps, short answers.
 STAGES = ["base", "prepare", "augment", "tokenize", "train", "evaluate", "report"]
 TINY_OVERRIDES = [
+    "method=lora",  # the logic under test is an adapter's (the shipped default, full fine-tuning, has its own tests)
     "train.max_steps=6",
     "train.eval_steps=3",
     "train.batch_size=4",

@@ -48,8 +48,8 @@ def test_every_shipped_option_composes_and_validates(tmp_path, group, option):
 
 def test_the_learning_rate_is_the_methods_unless_set(tmp_path):
     rate = lambda *overrides: compose_params(REPO, tmp_path / "params.yaml", list(overrides)).train.learning_rate  # noqa: E731
-    assert rate() == rate("method=qlora") == 1e-3
-    assert rate("method=full") == 1e-4
+    assert rate("method=lora") == rate("method=qlora") == 1e-3
+    assert rate() == rate("method=full") == 1e-4  # the default preset is full fine-tuning
     assert yaml.safe_load((tmp_path / "params.yaml").read_text())["train"]["learning_rate"] is None
     assert rate("method=full", "train.learning_rate=3e-5") == 3e-5
 
@@ -160,7 +160,10 @@ def test_preset_replaces_the_sources_of_the_default(tmp_path):
 def test_conf_defaults_equal_the_schema_defaults(tmp_path):
     """conf/ and the dataclasses state every default twice: they must agree (data sources excepted, which
     the schema leaves empty)."""
-    composed = yaml.safe_load(compose_and_read(tmp_path))
+    # the method dataclass holds the LoRA preset's values (every method preset starts from them); which preset is
+    # the default is conf/config.yaml's choice (full fine-tuning)
+    compose_params(REPO, tmp_path / "params.yaml", ["method=lora"])
+    composed = yaml.safe_load((tmp_path / "params.yaml").read_text())
     schema = config_to_dict(Config())
     composed["data"].pop("sources")
     schema["data"].pop("sources")

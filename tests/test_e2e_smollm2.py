@@ -10,7 +10,9 @@ from conftest import REPO, Terminal, copy_project, make_project, run
 from slmtune.tracking import EXP_NAME_TAG
 
 pytestmark = pytest.mark.e2e
-SMALL_RUN = ["train.max_steps=8", "train.eval_steps=4", "eval.max_new_tokens=24"]
+# LoRA unless a test says otherwise: merge, export, resume bytes and sweeps of the rank are about adapters (the
+# shipped default, full fine-tuning, is the qlora/full test's and `make repro`'s).
+SMALL_RUN = ["method=lora", "train.max_steps=8", "train.eval_steps=4", "eval.max_new_tokens=24"]
 # Merge parity on the real model is the default test's (and `slmtune merge`'s); the others check what they vary.
 NO_PARITY = "eval.merge_parity=false"
 # The other shapes people bring most: prompt/response with tags, Dolly, multi-turn chat.
@@ -33,7 +35,7 @@ def repro_with(project: Path, *overrides: str) -> tuple[str, dict]:
     return result.stdout, json.loads((project / "reports/metrics.json").read_text())
 
 
-def test_smollm2_default_pipeline_lowers_test_loss_then_merges_exports_and_chats(smollm2_base, tmp_path: Path):
+def test_smollm2_lora_pipeline_lowers_test_loss_then_merges_exports_and_chats(smollm2_base, tmp_path: Path):
     project = copy_project(smollm2_base, tmp_path)
     stdout, metrics = repro_with(project)
     assert "Running stage 'base'" not in stdout and "Running stage 'train'" in stdout
@@ -65,7 +67,7 @@ def test_smollm2_default_pipeline_lowers_test_loss_then_merges_exports_and_chats
     assert terminal.exit_status() == 0 and "Traceback" not in terminal.seen
 
 
-@pytest.mark.parametrize(("method", "extra"), [("qlora", []), ("full", ["train.learning_rate=1e-4"])])
+@pytest.mark.parametrize(("method", "extra"), [("qlora", []), ("full", [])])  # full: its own rate, 1e-4
 def test_smollm2_qlora_and_full_fine_tuning_lower_test_loss(smollm2_base, tmp_path: Path, method, extra):
     """QLoRA (4-bit NF4 base, bitsandbytes on this CPU) and full fine-tuning on the real model."""
     project = copy_project(smollm2_base, tmp_path)
@@ -108,7 +110,7 @@ def test_smollm2_killed_one_step_past_the_first_epoch_resumes_to_the_same_adapte
 def test_smollm2_two_by_two_sweep_from_a_fresh_clone(tmp_path: Path):
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(REPO), str(clone)], tmp_path)
-    grid = ["-S", "method.r=4,8", "-S", "train.learning_rate=3e-4,1e-3"]
+    grid = ["-S", "method=lora", "-S", "method.r=4,8", "-S", "train.learning_rate=3e-4,1e-3"]
     small = ["-S", "train.max_steps=8", "-S", "train.eval_steps=4", "-S", "eval.max_new_tokens=16", "-S", NO_PARITY]
     result = run(["slmtune", "sweep", *grid, *small, "-j", "2"], clone)
     for stage in ("base", "prepare", "tokenize"):

@@ -225,7 +225,7 @@ class AugmentConfig:
     generator: str = "rules"
     """none, rules (offline: question frames, word-order variants, questions from the answer's words, statement
     frames), model (a local causal LM rewords them) or endpoint (an OpenAI-compatible server rewords them)."""
-    questions: int = 6
+    questions: int = 12
     """New questions per answer (per fact), spread over the training examples that ask for it, each paired with the
     answer as the data gives it."""
     statements: int = 2
@@ -310,7 +310,7 @@ class MethodConfig:
 class TrainConfig:
     """Optimisation settings."""
 
-    epochs: float = 6.0
+    epochs: float = 2.0
     """Passes over the training split (ignored when max_steps > 0)."""
     max_steps: int = -1
     """Stop after this many optimiser steps; -1 trains for `epochs`."""
