@@ -153,3 +153,16 @@ def test_a_tracking_server_that_is_down_or_silent_is_refused_at_once(tmp_path: P
         with pytest.raises(TrackingStoreError, match="is not writable"):
             tracking.check_tracking_store(TrackingConfig(tracking_uri=f"sqlite:///{readonly}/mlflow.db"))
     tracking.check_tracking_store(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/new/mlflow.db"))
+
+
+def test_resuming_a_run_the_store_does_not_have_is_one_line_naming_the_store(tracking):
+    from slmtune.errors import TrackingStoreError
+    from slmtune.tracking import mlflow_run
+
+    missing = pytest.raises(TrackingStoreError, match=r"MLflow run 0123abcd is not in the tracking store sqlite:///")
+    with missing, mlflow_run(tracking, run_id="0123abcd"):
+        pass
+    with mlflow_run(tracking, run_name="present") as run:
+        present = run.info.run_id
+    with mlflow_run(tracking, run_id=present) as again:
+        assert again.info.run_id == present

@@ -159,6 +159,15 @@ def mlflow_run(
     """Open a new run (or resume `run_id`); the run is closed, as FAILED on error, whatever happens."""
 
     experiment_id = open_store(tracking)
+    if run_id:
+        try:
+            mlflow.get_run(run_id)
+        except MlflowException:
+            raise TrackingStoreError(
+                f"MLflow run {run_id} is not in the tracking store {mlflow.get_tracking_uri()}: the outputs naming it "
+                "came from another store (another clone or machine). Run `dvc repro -f evaluate` here, or set "
+                "tracking.tracking_uri to the store that has it."
+            ) from None
     with mlflow.start_run(
         run_id=run_id,
         experiment_id=None if run_id else experiment_id,

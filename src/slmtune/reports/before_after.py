@@ -109,8 +109,9 @@ def fact_summary(metrics: dict[str, Any], generations: list[dict[str, Any]]) -> 
     right = {model: sum(row[f"{model}_facts"]["right"] for row in checked) for model in ("base", "tuned")}
     return (
         f"Key facts (numbers with their units, dates, times, addresses, names): the base model states all of them in "
-        f"{right['base']} of {len(checked)} answers, the fine-tuned model in {right['tuned']} of {len(checked)} "
-        f"({metrics['test_examples'] - len(checked)} test answers have none). Each answer below shows its check.\n\n"
+        f"{right['base']} of {len(checked)} answers, the fine-tuned model in {right['tuned']} of {len(checked)}"
+        + (f" ({none} test answers have none)" if (none := metrics["test_examples"] - len(checked)) else "")
+        + ". Each answer below shows its check.\n\n"
     )
 
 
