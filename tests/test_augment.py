@@ -248,3 +248,16 @@ def test_a_models_rewrites_are_kept_only_when_they_keep_the_facts():
         [answer, "Through CareWell, Lumora gives 40 euros a month for the gym."]
     )
     assert {r["generator"] for r in rows} == {"canned"}
+
+
+def test_word_order_variants_keep_names_and_skip_subjects_they_cannot_delimit():
+    from slmtune.augmentation import word_order_variants
+
+    reordered = ["Notice period: what is it?", "Tell me the notice period."]
+    assert word_order_variants("What is the notice period?") == reordered
+    assert word_order_variants("How many sick days do I get?") == ["Sick days do I get: how many?"]
+    assert word_order_variants("Does Lumora match pension contributions?") == [
+        "Is it true that Lumora does match pension contributions?"
+    ]
+    assert word_order_variants("Can I carry leave over?") == ["Is it true that I can carry leave over?"]
+    assert word_order_variants("Does the dental plan cover braces?") == []  # where would the subject end?

@@ -32,7 +32,6 @@ from .network import offline, url_is_local
 from .progress import track
 
 QUESTION_FRAMES = (
-    "{q}",
     "Quick question: {q}",
     "{q} Please answer briefly.",
     "Could you tell me this: {q}",
@@ -53,7 +52,6 @@ ANSWER_QUESTION_FRAMES = (
 )
 """Questions built from the answer's words with its key facts left out ({topic})."""
 STATEMENT_FRAMES = (
-    "{a}",
     "According to the policy: {a}",
     "In short: {a}",
     "The answer: {a}",
@@ -109,14 +107,18 @@ def word_order_variants(question: str) -> list[str]:
     match = re.match(r"(?i)^how (many|much|long|often) (.+)$", q)
     if match:
         variants += [f"{match.group(2)[:1].upper() + match.group(2)[1:]}: how {match.group(1).lower()}?"]
-    match = re.match(r"(?i)^(can|do|does|is|are|may|must) (i|we|you|lumora|the \w+|there) (.+)$", q)
+    # a yes/no question whose subject is one word, a pronoun or a name ("Does Lumora pay ..."); where a longer
+    # subject ends cannot be told from the words alone ("Does the dental plan cover ..."), so those get none
+    match = re.match(r"^(?i:(can|do|does|is|are|may|must)) ((?i:i|we|you|they|there)|[A-Z][\w-]*) (.+)$", q)
     if match:
-        variants += [f"Is it true that {match.group(2).lower()} {match.group(1).lower()} {match.group(3)}?"]
+        subject = match.group(2)
+        subject = subject.lower() if subject.lower() in ("we", "you", "they", "there") else subject
+        variants += [f"Is it true that {subject} {match.group(1).lower()} {match.group(3)}?"]
     return variants
 
 
 def topic_of(answer: str, question: str) -> str:
-    """The answer's content words, without its key facts and the question's own words: what it is about."""
+    """The answer's first content words, without its key facts: what it is about."""
     facts = extract_facts(answer, question)
     text = answer
     for fact in facts:
@@ -129,7 +131,7 @@ def rule_questions(question: str, answer: str) -> list[str]:
     """Question frames, word-order variants and questions from the answer's own words."""
     single_line = "\n" not in question
     ql = _lower_first(question)
-    found = [frame.format(q=question, ql=ql) for frame in QUESTION_FRAMES[1:]] if single_line else []
+    found = [frame.format(q=question, ql=ql) for frame in QUESTION_FRAMES] if single_line else []
     if single_line:
         found += word_order_variants(question)
     topic = topic_of(answer, question)
@@ -140,7 +142,7 @@ def rule_questions(question: str, answer: str) -> list[str]:
 
 def rule_statements(answer: str) -> list[str]:
     """The answer in statement frames."""
-    return [frame.format(a=answer) for frame in STATEMENT_FRAMES[1:]]
+    return [frame.format(a=answer) for frame in STATEMENT_FRAMES]
 
 
 class Generator:
