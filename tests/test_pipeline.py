@@ -42,6 +42,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_trained):
     metrics = json.loads((tiny_project / "reports/metrics.json").read_text())
     for model in ("base", "tuned"):
         assert set(metrics[model]) == {
+            "fact_accuracy",
             "loss",
             "perplexity",
             "bleu",

@@ -321,9 +321,11 @@ def test_data_report_counts_rows_tokens_and_drops(tiny_trained):
 
 @pytest.mark.pipeline
 def test_too_long_example_stops_tokenize_or_is_skipped(tmp_path, tiny_model_dir):
-    project = bad_data_project(tmp_path / "project", tiny_model_dir, "too_long.jsonl", "data.max_length=64")
+    settings = ("data.max_length=64", "augment.generator=none")  # one long row, not its generated variants too
+    project = bad_data_project(tmp_path / "project", tiny_model_dir, "too_long.jsonl", *settings)
     run(["python", "-P", "stages/base.py"], project)
     run(["python", "-P", "stages/prepare.py"], project)
+    run(["python", "-P", "stages/augment.py"], project)
     result = run(["python", "-P", "stages/tokenize.py"], project, check=False)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert (

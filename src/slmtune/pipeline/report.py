@@ -22,7 +22,7 @@ def run_report(config: Config, report_path: Path, loss_plot: Path, metrics_plot:
     metrics = json.loads(Path(paths.metrics).read_text(encoding="utf-8"))
     generations = read_jsonl(paths.generations)
     provenance = read_provenance(paths.adapter)
-    wanted = {paths.raw_data, paths.base_model, paths.prepared, paths.tokenized, paths.adapter}
+    wanted = {paths.raw_data, paths.base_model, paths.prepared, paths.augmented, paths.tokenized, paths.adapter}
     lock_hashes = {path: md5 for path, md5 in dvc_lock_hashes().items() if path in wanted}
     plot_loss(loss_plot, Path(paths.train_log))
     plot_metrics(metrics_plot, metrics)

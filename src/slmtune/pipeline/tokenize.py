@@ -12,6 +12,7 @@ from datasets import Dataset, DatasetDict
 
 from ..config import SPLIT_NAMES, Config
 from ..data import Issues
+from ..errors import MissingFileError
 from ..modeling import load_tokenizer, model_context
 from ..outputs import read_jsonl, write_json
 from ..prompting import tokenize_splits
@@ -27,6 +28,8 @@ def run_tokenize(
     classify = config.model.task == "classification"
     # training rows from the augment stage (the prepared ones plus generated rows), the others as prepared
     folders = {name: paths.augmented if name == "train" else paths.prepared for name in SPLIT_NAMES}
+    if not (Path(paths.augmented) / "train.jsonl").is_file():
+        raise MissingFileError(f"{paths.augmented}/train.jsonl: not found; run the augment stage first (`dvc repro`).")
     records = {name: read_jsonl(Path(folders[name]) / f"{name}.jsonl") for name in SPLIT_NAMES}
     context = model_context(paths.base_model)
     examples, stats = tokenize_splits(
