@@ -135,9 +135,6 @@ class Check:
         parts = self.wrong + [f"missing {fact}" for fact in self.missing if fact not in instead]
         return "wrong: " + "; ".join(parts)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"facts": self.facts, "right": self.right, "missing": self.missing, "wrong": self.wrong}
-
 
 def _quantities(tokens: list[str]) -> list[tuple[str, str, int, int]]:
     """(number, unit, start, end) of each number followed by a unit within UNIT_GAP words, or preceded by a
