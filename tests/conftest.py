@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"
 PROJECT_FILES = ("conf", "dvc.yaml", "stages", "src", "data/raw", ".dvc/config", ".dvcignore", ".gitignore")
 # Fast settings for the tiny model: a few steps, short answers.
-STAGES = ["base", "prepare", "augment", "tokenize", "train", "evaluate", "report"]
+STAGES = ["base", "prepare", "augment", "tokenize", "train", "align", "evaluate", "report"]
 TINY_OVERRIDES = [
     "method=lora",  # the logic under test is an adapter's (the shipped default, full fine-tuning, has its own tests)
     "train.max_steps=6",

@@ -14,7 +14,7 @@ from slmtune.config import Config, ConfigError, compose_params, config_to_dict, 
 REPO = Path(__file__).resolve().parent.parent
 
 
-GROUPS = ("model", "data", "method", "train", "eval")
+GROUPS = ("model", "data", "method", "train", "align", "eval")
 
 
 def test_params_yaml_is_the_composition_of_conf(tmp_path):
@@ -119,7 +119,10 @@ def with_source(**source):
     [
         ({"path": "elsewhere/kb.csv"}, r"data\.sources\.kb\.path 'elsewhere/kb\.csv' is outside data/raw/"),
         ({"path": "data/raw/../kb.csv"}, r"is outside data/raw/"),
-        ({"kind": "table"}, r"data\.sources\.kb\.kind must be one of instruction, chat, text, label, not 'table'"),
+        (
+            {"kind": "table"},
+            r"data\.sources\.kb\.kind must be one of instruction, chat, text, label, preference, unpaired, not 'table'",
+        ),
         ({"format": "xlsx"}, r"data\.sources\.kb\.format must be one of"),
         ({"split": "dev"}, r"data\.sources\.kb\.split must be one of train, val, test"),
         ({"weight": 0}, r"data\.sources\.kb\.weight must be above 0"),

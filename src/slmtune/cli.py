@@ -162,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--root", default=".", help="project root (default: .)")
     reproduce.set_defaults(handler=reproduce_command)
 
-    adapter_help = "adapter folder or MLflow run id (default: the pipeline's latest, paths.adapter)"
+    adapter_help = (
+        "adapter folder or MLflow run id (default: the pipeline's final one: paths.aligned after preference tuning, "
+        "else paths.adapter)"
+    )
     chat = commands.add_parser("chat", help="chat with the fine-tuned model in the terminal (streamed, multi-turn)")
     chat.add_argument("--adapter", help=adapter_help)
     chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default: 256)")

@@ -65,6 +65,13 @@ class PathsConfig:
     """Training (and validation) loss per step, drawn by `report`."""
     metrics_plot: str = "reports/metrics_bars.png"
     """Base vs tuned test metrics as bars, drawn by `report`."""
+    aligned: str = "models/aligned"
+    """The preference-tuned adapter (or model) with its provenance (align stage); with `align.objective=none`, a
+    marker that passes the SFT adapter through. Every later command uses the final one."""
+    preference_metrics: str = "reports/preference_metrics.json"
+    """Held-out preference accuracy, reward margin and log-likelihoods of base, SFT and aligned models (DVC metrics)."""
+    preference_generations: str = "reports/preference_generations.jsonl"
+    """Base, SFT and aligned answers to the held-out preference prompts."""
     merged: str = "models/merged"
     """`slmtune merge`: the adapter merged into the base, a standalone model (not a stage output)."""
     gguf: str = "models/gguf"
@@ -95,12 +102,16 @@ class ModelConfig:
 
 
 SOURCE_FORMATS = ("auto", "csv", "jsonl", "json", "parquet", "txt", "disk", "hub")
-SOURCE_KINDS = ("instruction", "chat", "text", "label")
+SOURCE_KINDS = ("instruction", "chat", "text", "label", "preference", "unpaired")
+PREFERENCE_KINDS = ("preference", "unpaired")
+"""Kinds of `align.sources`: pairs (prompt, chosen, rejected) and unpaired KTO rows (prompt, completion, label)."""
 KIND_FIELDS = {
     "instruction": ("instruction", "input", "output", "system", "category", "facts"),
     "chat": ("messages", "system", "category", "facts"),
     "text": ("text", "category"),
     "label": ("text", "label", "category"),
+    "preference": ("prompt", "chosen", "rejected", "system", "category"),
+    "unpaired": ("prompt", "completion", "label", "system", "category"),
 }
 SPLIT_NAMES = ("train", "val", "test")
 TEMPLATES = ("auto", "chat", "alpaca", "tags", "custom")
@@ -117,7 +128,8 @@ class SourceConfig:
     """csv, jsonl, json, parquet, txt, disk (a `datasets` save_to_disk folder) or hub; auto picks from the suffix."""
     kind: str = "instruction"
     """Record shape: instruction (instruction/input/output), chat (a list of turns), text (raw text, every token
-    trained) or label (text and its class, for model.task=classification)."""
+    trained) or label (text and its class, for model.task=classification); in `align.sources`: preference (prompt,
+    chosen, rejected) or unpaired (prompt, completion, label: KTO)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Record field -> column in this source (e.g. instruction: question); unmapped fields use their own name."""
     instruction: Optional[str] = None
@@ -253,6 +265,84 @@ class AugmentConfig:
             raise ConfigError(
                 f"{where}: augment.generator=endpoint needs augment.endpoint, e.g. http://127.0.0.1:8080/v1."
             )
+
+
+ALIGN_OBJECTIVES = ("none", "dpo", "orpo", "kto")
+ALIGN_LOSSES = {
+    "dpo": (
+        *("sigmoid", "sigmoid_norm", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard"),
+        *("aot", "aot_unpaired", "apo_zero", "apo_down", "discopop"),
+    ),
+    "orpo": ("orpo",),
+    "kto": ("kto", "apo_zero_unpaired"),
+    "none": (),
+}
+"""Loss types per objective, as TRL names them (`sigmoid_norm`: DPO on length-normalised log-probabilities)."""
+
+
+@dataclass
+class AlignConfig:
+    """Preference tuning after `train` (the align stage, through TRL): DPO, ORPO or KTO on preference data, starting
+    from the SFT adapter; `none` passes the SFT adapter through."""
+
+    objective: str = "none"
+    """none, dpo (TRL DPOTrainer), orpo (TRL ORPOTrainer) or kto (TRL KTOTrainer; pairs are unpaired)."""
+    loss_type: Optional[str] = None
+    """The objective's loss as TRL names it (dpo: sigmoid, sigmoid_norm (length-normalised), ipo, hinge, robust...;
+    kto: kto, apo_zero_unpaired); null: the objective's default (sigmoid, orpo, kto)."""
+    beta: float = 0.1
+    """Strength of the pull towards the reference (DPO, KTO) or weight of the odds-ratio term (ORPO)."""
+    sft_weight: float = 0.0
+    """DPO: weight of TRL's `sft` loss (the chosen answers' token loss) added to the preference loss (RPO): keeps
+    the chosen answers likely, so that answers stay fluent while the margin grows; 0: preference loss alone."""
+    learning_rate: float = 5.0e-5
+    """Peak learning rate of the preference phase (cosine schedule, 10% warm-up)."""
+    epochs: float = 3.0
+    """Passes over the training pairs."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run the epochs)."""
+    batch_size: int = 8
+    """Pairs (KTO: rows) per optimizer step."""
+    test_fraction: float = 0.2
+    """Share of prompts held out to evaluate preference accuracy (all pairs of a prompt stay together)."""
+    max_length: int = 512
+    """Longest prompt + answer in tokens (TRL truncates longer ones, keeping the start)."""
+    max_new_tokens: int = 64
+    """Answers generated per held-out prompt for the report (base, SFT, aligned)."""
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    """Named preference sources (kind preference or unpaired) under `paths.raw_data`."""
+
+    def check(self, raw_data: str, where: str) -> None:
+        _one_of(where, "align.objective", self.objective, ALIGN_OBJECTIVES)
+        if self.loss_type is None and self.objective != "none":
+            self.loss_type = ALIGN_LOSSES[self.objective][0]  # resolved here, so provenance records it
+        if self.objective != "none":
+            _one_of(
+                where, f"align.loss_type (objective {self.objective})", self.loss_type, ALIGN_LOSSES[self.objective]
+            )
+            if not self.sources:
+                raise ConfigError(
+                    f"{where}: align.objective={self.objective} needs align.sources (preference pairs); use a preset, "
+                    "e.g. align=dpo."
+                )
+        if not 0 < self.test_fraction < 1 and self.sources:
+            raise ConfigError(f"{where}: align.test_fraction must be between 0 and 1 (got {self.test_fraction}).")
+        if self.beta <= 0 or self.batch_size < 1 or self.sft_weight < 0:
+            raise ConfigError(
+                f"{where}: align.beta must be above 0, align.batch_size at least 1 and align.sft_weight at least 0."
+            )
+        for name, source in self.sources.items():
+            source.check(f"align.sources.{name}", raw_data, where)
+            if source.kind not in PREFERENCE_KINDS:
+                raise ConfigError(
+                    f"{where}: align.sources.{name} is kind {source.kind}; preference sources are kind preference "
+                    "(prompt, chosen, rejected) or unpaired (prompt, completion, label)."
+                )
+            if source.kind == "unpaired" and self.objective in ("dpo", "orpo"):
+                raise ConfigError(
+                    f"{where}: align.objective={self.objective} needs pairs, but align.sources.{name} is kind "
+                    "unpaired; use align.objective=kto or give chosen/rejected pairs."
+                )
 
 
 @dataclass
@@ -448,6 +538,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -462,6 +553,15 @@ class Config:
         self.eval.check(task, where)
         self.data.check(self.paths.raw_data, where)
         self.augment.check(where)
+        self.align.check(self.paths.raw_data, where)
+        if self.align.objective != "none" and task != "causal_lm":
+            raise ConfigError(f"{where}: align.objective={self.align.objective} needs model.task=causal_lm.")
+        preference = sorted(name for name, src in self.data.sources.items() if src.kind in PREFERENCE_KINDS)
+        if preference:
+            raise ConfigError(
+                f"{where}: data.sources.{preference[0]} is kind {self.data.sources[preference[0]].kind}; preference "
+                "data goes in align.sources (the align stage), not in data.sources."
+            )
         wrong = sorted(
             name for name, src in self.data.sources.items() if (src.kind == "label") != (task == "classification")
         )

@@ -34,7 +34,11 @@ REQUIRED = {
     "chat": ("messages",),
     "text": ("text",),
     "label": ("text", "label"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
 }
+DESIRABLE = {"true": True, "1": True, "yes": True, "desirable": True, "good": True}
+UNDESIRABLE = {"false": False, "0": False, "no": False, "undesirable": False, "bad": False}
 
 
 class RowProblem(Exception):
@@ -161,11 +165,83 @@ def _chat_turns(values: dict[str, Any], source: SourceConfig) -> list[dict[str, 
     return check_conversation(turns, column)
 
 
+def _prompt_turns(values: dict[str, Any], source: SourceConfig) -> list[dict[str, str]]:
+    """A preference row's prompt as turns ending with the user's: plain text, `<|user|>`-tagged text (a trailing
+    empty `<|assistant|>` tag is dropped) or a list of messages."""
+    column = column_of(source, "prompt")
+    raw = values.get(column)
+    if isinstance(raw, list):
+        turns = [_turn(value, index, column) for index, value in enumerate(raw, start=1)]
+    else:
+        text = _text(values, column, True)
+        turns = parse_tagged(text) if TAG.search(text) else [{"role": "user", "content": text}]
+    if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+        turns.pop()
+    system = _text(values, column_of(source, "system"), False)
+    if system and not (turns and turns[0]["role"] == "system"):
+        turns.insert(0, {"role": "system", "content": system})
+    check_conversation([*turns, {"role": "assistant", "content": "-"}], column)
+    return turns
+
+
+def _answer(values: dict[str, Any], source: SourceConfig, field_name: str) -> str:
+    """An answer of a preference row: text (a leading `<|assistant|>` tag is dropped) or a one-message list
+    `[{"role": "assistant", "content": ...}]` (TRL's conversational format)."""
+    column = column_of(source, field_name)
+    raw = values.get(column)
+    if isinstance(raw, list):
+        if len(raw) != 1:
+            raise RowProblem("wrong type", f"column '{column}' must be text or one assistant message, got {len(raw)}")
+        turn = _turn(raw[0], 1, column)
+        if turn["role"] != "assistant":
+            raise RowProblem(
+                "wrong type", f"column '{column}' turn 1 is from {turn['role']}; it must be the assistant's"
+            )
+        raw = turn["content"]
+        values = {column: raw}
+    text = _text(values, column, True)
+    return TAG.sub("", text, count=1).strip() if text.startswith("<|assistant|>") else text
+
+
+def _desirable(values: dict[str, Any], column: str) -> bool:
+    """A KTO label: a boolean, 0/1, or true/false, yes/no, desirable/undesirable, good/bad."""
+    value = values.get(column)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = _text(values, column, True).lower()
+    if text in DESIRABLE or text in UNDESIRABLE:
+        return DESIRABLE.get(text, False)
+    raise RowProblem(
+        "wrong type", f"column '{column}' must be true or false (or 1/0, desirable/undesirable), not {text!r}"
+    )
+
+
+def _preference_fields(values: dict[str, Any], source: SourceConfig) -> dict[str, Any]:
+    record: dict[str, Any] = {"messages": _prompt_turns(values, source)}
+    if source.kind == "unpaired":
+        record["completion"] = _answer(values, source, "completion")
+        record["label"] = _desirable(values, column_of(source, "label"))
+        return record
+    record["chosen"] = _answer(values, source, "chosen")
+    record["rejected"] = _answer(values, source, "rejected")
+    if normalise_text(record["chosen"]) == normalise_text(record["rejected"]):
+        raise RowProblem(
+            "same answers",
+            f"columns '{column_of(source, 'chosen')}' and '{column_of(source, 'rejected')}' hold the same answer; "
+            "a pair needs a better and a worse one",
+        )
+    return record
+
+
 def row_to_record(row: Row, source: SourceConfig, origin: str) -> dict[str, Any]:
     """A validated record of one row; raises RowProblem."""
     record: dict[str, Any] = {"source": row.location, "origin": origin}
     record["category"] = _text(row.values, column_of(source, "category"), False)
-    if source.kind in ("text", "label"):
+    if source.kind in ("preference", "unpaired"):
+        record |= _preference_fields(row.values, source)
+    elif source.kind in ("text", "label"):
         record["text"] = _text(row.values, column_of(source, "text"), True)
         if source.kind == "label":
             record["label"] = _label(row.values, column_of(source, "label"))
@@ -223,10 +299,11 @@ def _missing_columns(rows: list[Row], source: SourceConfig) -> list[str]:
 
 
 def read_records(
-    name: str, source: SourceConfig, read: tuple[list[Row], list[Problem]] | None = None
+    name: str, source: SourceConfig, read: tuple[list[Row], list[Problem]] | None = None, section: str = "data"
 ) -> tuple[list[dict[str, Any]], list[Problem], int]:
     """Records of one source, the problems of its rows, and how many rows were read (`read`: the source's rows
-    and unreadable rows when the caller has read them already)."""
+    and unreadable rows when the caller has read them already; `section`: where the source is configured, data
+    or align)."""
     rows, unreadable = read or read_source(
         source.path, source_format(source.path, source.format), source.dataset_split, source.revision
     )
@@ -236,7 +313,7 @@ def read_records(
         raise DataError(
             f"{source.path}: missing column(s) {', '.join(repr(c) for c in missing)} (found: "
             f"{', '.join(present) or 'none'}). "
-            f"Rename them in the file or map them with data.sources.{name}.columns "
+            f"Rename them in the file or map them with {section}.sources.{name}.columns "
             f"(fields for kind {source.kind}: {', '.join(KIND_FIELDS[source.kind])})."
         )
     records, problems = [], list(unreadable)

@@ -20,6 +20,7 @@ from .config import Config
 from .errors import QualityGateError
 from .facts import Check, Fact, check_answer, fact_accuracy, key_facts, subject_names
 from .inference import generate_answers
+from .lineage import final_adapter
 from .losses import supports_trained_positions, trained_token_losses
 from .metrics import MODULES_DIR, PER_EXAMPLE, TEXT_MODULES, lower_is_better
 from .modeling import is_adapter, load_model, load_tokenizer
@@ -155,7 +156,7 @@ def score_base_and_tuned(
     """`score(model, name)` for the tuned model, then for the base: one model with the adapter switched off,
     or (full fine-tuning) the saved model and the base loaded in turn. With `merged`, an adapter is then
     merged into the base weights and scored a third time (else None): the merge parity."""
-    adapter = config.paths.adapter
+    adapter = str(final_adapter(config.paths))
     if is_adapter(adapter):
         model = PeftModel.from_pretrained(base_model(config, labels, pad_token_id), adapter)
         tuned = score(model, "tuned")

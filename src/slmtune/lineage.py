@@ -23,6 +23,19 @@ TRACKED_PACKAGES = (
 )
 
 
+ALIGNMENT_FILE = "alignment.json"
+"""The align stage's marker in `paths.aligned` when no preference objective ran: the SFT adapter is final."""
+
+
+def final_adapter(paths: Any) -> Path:
+    """The adapter every command after training uses: the aligned one when the align stage trained one (its folder
+    holds an adapter or a model), else the SFT adapter `train` wrote."""
+    aligned = Path(paths.aligned)
+    if (aligned / "adapter_config.json").is_file() or (aligned / "config.json").is_file():
+        return aligned
+    return Path(paths.adapter)
+
+
 def project_root(start: str | Path | None = None) -> Path:
     """The real project root, also from inside a `dvc exp` temporary workspace.
 
@@ -149,7 +162,8 @@ def code_digests(stage: str = "train", dvc_yaml: str | Path = "dvc.yaml") -> dic
 
 
 ADAPTER_CONFIG_SECTIONS = ("model", "data", "method", "train")
-"""The parts of the configuration that shape an adapter (paths, evaluation and tracking do not)."""
+"""The parts of the configuration that shape an adapter (paths, evaluation and tracking do not); an aligned adapter
+(its provenance names the SFT adapter) is also shaped by `align`."""
 
 
 def check_lineage(provenance: dict[str, Any], current_config: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -176,8 +190,9 @@ def check_lineage(provenance: dict[str, Any], current_config: dict[str, Any] | N
     for path, recorded in provenance.get("code", {}).items():
         rows.append(_compared("code", path, recorded, dvc_md5(path) if Path(path).exists() else None))
     if current_config is not None:
-        recorded_flat = flatten_sections(provenance["config"])
-        current_flat = flatten_sections(current_config)
+        sections = ADAPTER_CONFIG_SECTIONS + (("align",) if "sft" in provenance else ())
+        recorded_flat = flatten_sections(provenance["config"], sections)
+        current_flat = flatten_sections(current_config, sections)
         for key in sorted(set(recorded_flat) | set(current_flat)):
             rows.append(
                 _compared("param", key, recorded_flat.get(key), current_flat.get(key), missing_is_mismatch=True)
@@ -272,6 +287,46 @@ compares the configuration with `params.yaml` (non-zero exit on any mismatch).
 """
 
 
+def aligned_card(provenance: dict[str, Any]) -> str:
+    """The aligned adapter's `README.md`: the objective, the SFT adapter it started from, the held-out scores."""
+    config, sft, run = provenance["config"], provenance["sft"], provenance["mlflow"]
+    align = config["align"]
+    inputs = "\n".join(
+        f"| {name} | `{entry['path']}` | `{entry['md5']}` |" for name, entry in provenance["inputs"].items()
+    )
+    metrics = "\n".join(f"| {name} | {value:.4f} |" for name, value in sorted(provenance["metrics"].items()))
+    return f"""---
+library_name: {"peft" if (Path(config["paths"]["aligned"]) / "adapter_config.json").is_file() else "transformers"}
+base_model: {config["model"]["source"]}
+tags: [slmtune, {align["objective"]}, {config["method"]["name"]}]
+---
+
+# {align["objective"].upper()}-aligned {config["method"]["name"]} model for `{config["model"]["source"]}`
+
+Made by the slmtune `align` stage through TRL: {align["objective"]} (loss {align["loss_type"]}, beta {align["beta"]}),
+learning rate {align["learning_rate"]}, starting from the SFT adapter `{sft["path"]}` (md5 `{sft["md5"]}`, MLflow run
+`{sft["mlflow_run_id"]}`).
+
+- MLflow run: `{run["run_id"]}` (experiment {run["experiment_id"]})
+- Git commit: `{provenance["git"].get("commit") or "unknown"}`
+
+## Held-out preference scores
+
+| metric | value |
+|---|---:|
+{metrics}
+
+## Inputs (DVC md5)
+
+| input | path | md5 |
+|---|---|---|
+{inputs}
+
+`slmtune lineage {config["paths"]["aligned"]}` re-hashes these inputs (the SFT adapter included) and the code, and
+compares the configuration with `params.yaml`.
+"""
+
+
 def input_digests(config: Any) -> dict[str, dict[str, Any]]:
     """DVC md5 of every data and model input of the adapter: each data source, the prepared, augmented and
     tokenized data and the base model. Hub datasets cannot be hashed: their pinned revision stands in."""
@@ -301,7 +356,8 @@ def print_lineage(adapter: str, provenance: dict[str, Any], current_config: dict
         group = [row for row in rows if row["kind"] == kind]
         shown = [row for row in group if kind != "param" or row["status"] != "MATCH"]
         if kind == "param" and len(shown) < len(group):
-            print(f"MATCH      params: {len(group) - len(shown)} keys of model, data, method, train equal params.yaml")
+            names = ", ".join(ADAPTER_CONFIG_SECTIONS + (("align",) if "sft" in provenance else ()))
+            print(f"MATCH      params: {len(group) - len(shown)} keys of {names} equal params.yaml")
         for row in shown:
             if row["status"] in ("MATCH", "UNHASHED"):
                 detail = row["recorded"]

@@ -23,6 +23,8 @@ PLAIN_INTERVAL_S = 30.0
 KNOWN_WARNINGS = (
     # peft's PeftModel reads the deprecated property (transformers 5 renamed it); our own code uses the new names
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    # TRL's trainers still pass and call the old names (gradient_checkpointing, gradient_checkpointing_enable/disable)
+    (FutureWarning, r"`gradient_checkpointing(_enable|_disable)?` is deprecated"),
     # torch's DataLoader on a machine without an accelerator, when a library asks for pinned memory
     (UserWarning, r".*'pin_memory' argument is set as true but no accelerator is found"),
 )

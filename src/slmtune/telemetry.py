@@ -115,8 +115,9 @@ class TrainingProgress(TrainerCallback):
     """The training bar (rank 0): step/total, loss, tokens/s and time left in a terminal, plain lines in a log;
     validation losses as lines above it. Replaces the Trainer's printer of raw log dicts."""
 
-    def __init__(self, tokens: TokenCounter | None = None) -> None:
+    def __init__(self, tokens: TokenCounter | None = None, desc: str = "train") -> None:
         self.tokens = tokens
+        self.desc = desc
         self.bar: Any = None
         self.loss: float | None = None
         self.start_tokens = 0
@@ -124,7 +125,7 @@ class TrainingProgress(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
-            self.bar = bar(state.max_steps, "train", unit="step", initial=state.global_step)
+            self.bar = bar(state.max_steps, self.desc, unit="step", initial=state.global_step)
             self.start_tokens = self.tokens.tokens if self.tokens else 0
             self.start = time.monotonic()
 

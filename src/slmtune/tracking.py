@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from .config import Config, ModelConfig, TrackingConfig, flatten
 from .errors import MissingFileError, TrackingStoreError
-from .lineage import git_state, project_root
+from .lineage import final_adapter, git_state, project_root
 
 MLFLOW_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -47,6 +47,10 @@ THREADS_TAG = "slmtune.torch_threads"
 DIRTY_FILES_TAG = "slmtune.git_dirty_files"
 DIRTY_TAG = "slmtune.git_dirty"
 STAGE_TAG = "slmtune.stage"
+SFT_RUN_TAG = "slmtune.sft_run_id"
+"""On an align run: the run that trained the SFT adapter it started from."""
+ALIGNED_RUN_TAG = "slmtune.aligned_run_id"
+"""On a train run: the align run that preference-tuned its adapter."""
 REGISTERED_TAG = "slmtune.registered_model"
 EVALUATED_METRIC = "test/tuned/loss"
 
@@ -348,10 +352,11 @@ def log_markdown(
 
 
 def resolve_adapter(config: Config, spec: str | None) -> Path:
-    """The adapter folder `spec` names: None -> the pipeline's latest (paths.adapter); an existing folder;
+    """The adapter folder `spec` names: None -> the pipeline's final one (the aligned adapter when the align stage
+    trained one, else paths.adapter); an existing folder;
     else an MLflow run id whose `adapter/` artifacts are downloaded (train runs log them)."""
     if spec is None:
-        spec = config.paths.adapter
+        spec = str(final_adapter(config.paths))
     if Path(spec).is_dir():
         if not (Path(spec) / "adapter_config.json").is_file() and not (Path(spec) / "config.json").is_file():
             raise MissingFileError(

@@ -22,7 +22,7 @@ class Metric:
     direction: str
     """min (lower is better) or max (higher is better)."""
     kind: str
-    """loss (unbounded: loss, perplexity) or score (between 0 and 1)."""
+    """loss (unbounded, positive: loss, perplexity), score (between 0 and 1) or unbounded (log-likelihoods, margins)."""
     short: str
     """The name in narrow places: per-category columns, the scores beside each answer."""
 
@@ -46,6 +46,27 @@ CLASSIFICATION = (
 )
 BY_TASK = {"causal_lm": CAUSAL_LM, "classification": CLASSIFICATION}
 """The metrics of each model.task, in report order."""
+PREFERENCE = (
+    Metric(
+        "preference_accuracy",
+        "Preference accuracy (implicit reward vs the base prefers the chosen answer)",
+        "max",
+        "score",
+        "pref acc",
+    ),
+    Metric(
+        "reward_margin",
+        "Mean reward margin (beta x log-ratio to the base, chosen - rejected)",
+        "max",
+        "unbounded",
+        "margin",
+    ),
+    Metric("likelihood_accuracy", "Chosen answer more likely per token (no reference)", "max", "score", "lik acc"),
+    Metric("chosen_logp", "Chosen answer log-likelihood", "max", "unbounded", "chosen logp"),
+    Metric("rejected_logp", "Rejected answer log-likelihood", "min", "unbounded", "rejected logp"),
+)
+"""The align stage's held-out pair scores (`reports/preference_metrics.json`, `dvc exp show` `aligned.<name>`, MLflow
+`preference/<model>/<name>`), for base, SFT and aligned models."""
 PER_EXAMPLE = ("bleu", "rouge1", "rouge2", "rougeL", "exact_match", "token_f1", "contains")
 """Text metrics with a score per example (BLEU: smoothed sentence BLEU), averaged per category. Fact accuracy
 (`slmtune.facts`) is per example too, over the examples that have key facts."""
@@ -67,7 +88,9 @@ def metric_names(task: str) -> tuple[str, ...]:
 def direction(name: str) -> str | None:
     """min or max for a metric name (a `dvc exp show` column like `tuned.rougeL` works too); None if unknown."""
     short = name.split(".")[-1]
-    found = {metric.direction for metrics in BY_TASK.values() for metric in metrics if metric.name == short}
+    found = {
+        metric.direction for metrics in (*BY_TASK.values(), PREFERENCE) for metric in metrics if metric.name == short
+    }
     return found.pop() if len(found) == 1 else None
 
 

@@ -13,7 +13,7 @@ import mlflow
 
 from ..config import Config, config_to_dict
 from ..evaluation import check_gate, evaluate_base_and_tuned
-from ..lineage import read_provenance
+from ..lineage import final_adapter, read_provenance
 from ..outputs import write_json, write_jsonl
 from ..tracking import evaluation_run
 
@@ -37,7 +37,7 @@ def run_evaluate(config: Config, metrics_path: Path, generations_path: Path) -> 
     gate = check_gate(config, metrics)
     if gate:
         metrics["quality_gate"] = gate
-    adapter_run_id = read_provenance(config.paths.adapter)["mlflow"]["run_id"]
+    adapter_run_id = read_provenance(final_adapter(config.paths))["mlflow"]["run_id"]
     with evaluation_run(config.tracking, adapter_run_id, config_to_dict(config)) as run:
         for model in ("base", "tuned"):
             scores = metrics[model].items()

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 
 from ..config import Config
-from ..lineage import dvc_lock_hashes, read_provenance
+from ..lineage import dvc_lock_hashes, final_adapter, read_provenance
 from ..outputs import read_jsonl
 from ..reports.before_after import plot_loss, plot_metrics, render_before_after
 from ..tracking import log_markdown, mlflow_run
@@ -21,8 +21,13 @@ def run_report(config: Config, report_path: Path, loss_plot: Path, metrics_plot:
     paths = config.paths
     metrics = json.loads(Path(paths.metrics).read_text(encoding="utf-8"))
     generations = read_jsonl(paths.generations)
-    provenance = read_provenance(paths.adapter)
+    provenance = read_provenance(final_adapter(paths))
     wanted = {paths.raw_data, paths.base_model, paths.prepared, paths.augmented, paths.tokenized, paths.adapter}
+    wanted |= {paths.aligned}
+    preferences = (
+        json.loads(Path(paths.preference_metrics).read_text(encoding="utf-8")),
+        read_jsonl(paths.preference_generations),
+    )
     lock_hashes = {path: md5 for path, md5 in dvc_lock_hashes().items() if path in wanted}
     plot_loss(loss_plot, Path(paths.train_log))
     plot_metrics(metrics_plot, metrics)
@@ -30,7 +35,9 @@ def run_report(config: Config, report_path: Path, loss_plot: Path, metrics_plot:
         name: os.path.relpath(target, Path(paths.report).parent)
         for name, target in (("training loss", paths.loss_plot), ("base vs tuned", paths.metrics_plot))
     }
-    report = render_before_after(metrics, generations, provenance, lock_hashes, provenance["config"], figures)
+    report = render_before_after(
+        metrics, generations, provenance, lock_hashes, provenance["config"], figures, preferences
+    )
     report_path.write_text(report, encoding="utf-8")
     with mlflow_run(config.tracking, run_id=metrics["mlflow_run_id"]):
         for path in (loss_plot, metrics_plot):

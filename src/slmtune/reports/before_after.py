@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from ..metrics import ANSWER_SCORES, BY_TASK, CATEGORY_COLUMNS, Metric, short_name
+from ..metrics import ANSWER_SCORES, BY_TASK, CATEGORY_COLUMNS, PREFERENCE, Metric, short_name
 from . import plt, save_figure, table
 
 
@@ -159,6 +159,42 @@ def lineage_section(
     return "\n".join(lines)
 
 
+PREFERENCE_MODELS = (("base", "base"), ("sft", "SFT"), ("aligned", "aligned"))
+
+
+def preference_section(metrics: dict[str, Any], generations: list[dict[str, Any]]) -> str:
+    """Held-out preference scores of base, SFT and aligned models and their answers side by side (empty without
+    preference data)."""
+    models = [(key, label) for key, label in PREFERENCE_MODELS if key in metrics]
+    if not models and not generations:
+        return ""
+    objective = metrics.get("objective", "none")
+    if objective == "none":
+        head = "No preference objective ran (align.objective=none): base and SFT models on the held-out pairs.\n\n"
+    else:
+        head = (
+            f"SFT, then {objective.upper()} through TRL (loss {metrics['loss_type']}, beta {metrics['beta']:g}) on "
+            f"{metrics['train_rows']} training rows; {metrics['heldout_pairs']} held-out pairs. Preference accuracy is "
+            "the share of held-out pairs whose implicit reward, beta x (log p_model - log p_base), is higher for the "
+            "chosen answer (the base, its own reference, scores 0.5).\n\n"
+        )
+    lines = ["| metric | " + " | ".join(label for _, label in models) + " |", "|---|" + "---:|" * len(models)]
+    for metric in PREFERENCE:
+        values = [metrics[key].get(metric.name) for key, _ in models]
+        lines.append(f"| {metric.label} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in values) + " |")
+    parts = ["## Preference tuning\n", head + "\n".join(lines) + "\n", "### Answers to the held-out prompts\n"]
+    for index, row in enumerate(generations, start=1):
+        parts.append(f"**{index}. {row['prompt']}** (`{row['source']}`)\n")
+        if row.get("chosen"):
+            parts.append(f"Preferred answer:\n\n{_quote(row['chosen'])}\n")
+        if row.get("rejected"):
+            parts.append(f"Rejected answer:\n\n{_quote(row['rejected'])}\n")
+        for key, label in models:
+            if key in row:
+                parts.append(f"{label}:\n\n{_quote(row[key])}\n")
+    return "\n".join(parts) + "\n"
+
+
 def render_before_after(
     metrics: dict[str, Any],
     generations: list[dict[str, Any]],
@@ -166,8 +202,9 @@ def render_before_after(
     lock_hashes: dict[str, str],
     params: dict[str, Any],
     figures: dict[str, str] | None = None,
+    preferences: tuple[dict[str, Any], list[dict[str, Any]]] | None = None,
 ) -> str:
-    """The whole `before_after.md`."""
+    """The whole `before_after.md` (with `preferences`, the align stage's scores and answers, its own section)."""
     source_list = ", ".join(f"`{source['path']}`" for source in params["data"]["sources"].values())
     method = params["method"]
     rank = "" if method.get("adapter") == "none" else f" (r={method['r']})"
@@ -180,6 +217,7 @@ def render_before_after(
         + "".join(f"![{name}]({link})\n\n" for name, link in (figures or {}).items())
         + category_table(metrics)
         + checks_section(metrics)
+        + (preference_section(*preferences) if preferences else "")
         + f"## Answers\n\n{answers_section(generations)}\n"
         f"## Lineage\n\n{lineage_section(provenance, metrics['mlflow_run_id'], lock_hashes, params)}\n"
     )

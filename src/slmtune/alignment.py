@@ -1,0 +1,158 @@
+"""Preference tuning through TRL's trainers (DPO, ORPO, KTO), starting from the SFT adapter.
+
+The policy is the SFT result with a trainable adapter; the reference is the same model with that adapter disabled,
+never a second copy of the model:
+
+- SFT by LoRA (or QLoRA, DoRA...): the base (quantised as the method says) with the SFT adapter loaded trainable, so
+  preference tuning continues the SFT adapter. The reference is the base (the adapter disabled: TRL's path for a
+  new adapter). TRL would otherwise keep a frozen copy of the SFT adapter as the reference; we drop it, so that the
+  reward the objective raises is the one the evaluation measures, against the base.
+- full fine-tuning: the fully fine-tuned model with a new LoRA adapter (the method's r, alpha, dropout; the
+  architecture's projections); the reference is the SFT model (the adapter disabled; the base is not in memory).
+  The adapter is merged into the weights when saved, so the result is a model folder like the SFT one.
+
+Every later command loads the aligned result the way it loads the SFT one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from transformers import PrinterCallback, TrainerCallback
+
+from .config import Config
+from .modeling import default_target_modules, is_adapter, load_model
+from .preferences import trl_rows
+from .telemetry import TrainingProgress
+from .training import save_adapter, use_bf16
+
+LOGGED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "grad_norm")
+
+
+class StepRecorder(TrainerCallback):
+    """The per-step figures TRL logs (loss, reward accuracy and margin), kept for MLflow and the summary."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.steps.append({"step": state.global_step} | {k: float(logs[k]) for k in LOGGED if k in logs})
+
+
+def policy_model(config: Config) -> tuple[Any, Any]:
+    """The model to align and the peft config to wrap it in (None when it already carries the SFT adapter)."""
+    from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+
+    sft = Path(config.paths.adapter)
+    method = config.method
+    if is_adapter(sft):
+        model = load_model(config.paths.base_model, config.model.dtype, method)
+        if method.quantization != "none":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = PeftModel.from_pretrained(model, str(sft), is_trainable=True)
+        model.config.use_cache = False
+        return model, None
+    model = load_model(sft, config.model.dtype)
+    model.config.use_cache = False
+    targets = list(method.target_modules) if method.target_modules else default_target_modules(model)
+    lora = LoraConfig(
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    return model, lora
+
+
+def trainer_for(
+    config: Config, model: Any, tokenizer: Any, rows: list[dict[str, Any]], peft_config: Any, output_dir: str
+) -> tuple[Any, StepRecorder]:
+    """TRL's trainer for `align.objective`, with our schedule, precision and seed, and its step recorder."""
+    align, train = config.align, config.train
+    common = {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": align.batch_size,
+        "num_train_epochs": align.epochs,
+        "max_steps": align.max_steps,
+        "learning_rate": align.learning_rate,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.1,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": train.seed,
+        "bf16": use_bf16(train),
+        "use_cpu": use_bf16(train) and not _cuda(),
+        "dataloader_pin_memory": _cuda(),
+        "max_length": align.max_length,
+        "beta": align.beta,
+        "disable_tqdm": True,
+    }
+    dataset = Dataset.from_list(rows)
+    recorder = StepRecorder()
+    if align.objective == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        losses = {"loss_type": [align.loss_type]}
+        if align.sft_weight > 0:  # RPO: the preference loss plus the chosen answers' token loss
+            losses = {"loss_type": [align.loss_type, "sft"], "loss_weights": [1.0, align.sft_weight]}
+        args = DPOConfig(**common, **losses)
+        trainer = DPOTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+        )
+    elif align.objective == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        desirable = sum(row["label"] for row in rows)
+        undesirable = len(rows) - desirable
+        # TRL's advice: weight the rarer side so that desirable_weight * n_desirable / (undesirable_weight *
+        # n_undesirable) lies in [1, 4/3]
+        weights = {"desirable_weight": max(1.0, undesirable / max(desirable, 1))}
+        args = KTOConfig(**common, loss_type=align.loss_type, **weights)
+        trainer = KTOTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+        )
+    else:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        args = ORPOConfig(**common)
+        trainer = ORPOTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+        )
+    if peft_config is None and "ref" in getattr(trainer.model, "peft_config", {}):
+        trainer.model.delete_adapter("ref")  # TRL then takes the reference with the adapter disabled: the base
+    trainer.remove_callback(PrinterCallback)  # raw log dicts; our progress bar (or plain lines) instead
+    trainer.add_callback(TrainingProgress(desc=f"align {align.objective}"))
+    trainer.add_callback(recorder)
+    return trainer, recorder
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def align_model(
+    config: Config, tokenizer: Any, records: list[dict[str, Any]], output_dir: str
+) -> tuple[Any, list[dict[str, float]], dict[str, float]]:
+    """Train the SFT result on the preference rows; returns the trained model (peft, or merged for full SFT), the
+    per-step log and TRL's training summary."""
+    model, peft_config = policy_model(config)
+    rows = trl_rows(records, config.data, tokenizer, config.align.objective)
+    trainer, recorder = trainer_for(config, model, tokenizer, rows, peft_config, output_dir)
+    result = trainer.train()
+    model = trainer.model
+    if peft_config is not None:  # full SFT: the new adapter goes into the weights
+        model = model.merge_and_unload()
+    summary = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    return model, recorder.steps, summary
+
+
+def save_aligned(model: Any, tokenizer: Any, output_dir: Path) -> None:
+    """The aligned adapter (or merged model) in the SFT stage's layout."""
+    save_adapter(model, tokenizer, output_dir)
