@@ -295,8 +295,9 @@ class AlignConfig:
     sft_weight: float = 0.0
     """DPO: weight of TRL's `sft` loss (the chosen answers' token loss) added to the preference loss (RPO): keeps
     the chosen answers likely, so that answers stay fluent while the margin grows; 0: preference loss alone."""
-    learning_rate: float = 5.0e-5
-    """Peak learning rate of the preference phase (cosine schedule, 10% warm-up)."""
+    learning_rate: float = 5.0e-4
+    """Peak learning rate of the preference phase (cosine schedule, 10% warm-up); adapter-sized: on SmolLM2 after
+    LoRA SFT, 5e-5 barely moved the held-out preference accuracy in 30 steps (0.26 -> 0.47)."""
     epochs: float = 3.0
     """Passes over the training pairs."""
     max_steps: int = -1
