@@ -182,6 +182,12 @@ def mlflow_run(
         yield run
 
 
+def run_record(run: Any) -> dict[str, str]:
+    """What provenance records of the run that made an adapter: its id, experiment and store."""
+    info = run.info
+    return {"run_id": info.run_id, "experiment_id": info.experiment_id, "tracking_uri": mlflow.get_tracking_uri()}
+
+
 def run_name(config: Config, exp_name: str = WORKSPACE) -> str:
     """What a run is, for the MLflow run list: the DVC experiment (outside the workspace), the data, the method
     and the settings people sweep, e.g. `company_kb · lora r16 · lr 0.001 · 6 epochs`."""

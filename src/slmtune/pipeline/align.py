@@ -45,6 +45,8 @@ from ..preferences import (
 from ..prompting import generation_prompt
 from ..tracking import (
     ALIGNED_RUN_TAG,
+    BASELINE_TAG,
+    EXP_NAME_TAG,
     SFT_RUN_TAG,
     STAGE_TAG,
     experiment_tags,
@@ -52,6 +54,7 @@ from ..tracking import (
     mlflow_run,
     open_store,
     run_name,
+    run_record,
 )
 
 MODELS = ("base", "sft", "aligned")
@@ -79,12 +82,10 @@ def run_align(config: Config, aligned_dir: Path, metrics_path: Path, generations
     sft_provenance = read_provenance(sft)
     inputs = _inputs(config, sft)
     git = git_state(written=pipeline_written_files(config_to_dict(config)))
-    experiment_tags_now = experiment_tags()
-    name = f"{run_name(config, experiment_tags_now['slmtune.dvc_exp_name'])} · {align.objective} β {align.beta:g}"
+    tags = experiment_tags()
+    name = f"{run_name(config, tags[EXP_NAME_TAG])} · {align.objective} β {align.beta:g}"
     sft_run = sft_provenance["mlflow"]["run_id"]
-    with mlflow_run(
-        config.tracking, run_name=name, tags=experiment_tags_now | {STAGE_TAG: "align", SFT_RUN_TAG: sft_run}
-    ) as run:
+    with mlflow_run(config.tracking, run_name=name, tags=tags | {STAGE_TAG: "align", SFT_RUN_TAG: sft_run}) as run:
         log_flat_params(config_to_dict(config))
         mlflow.log_dict(config_to_dict(config), "config/resolved.yaml")
         print(
@@ -110,19 +111,15 @@ def run_align(config: Config, aligned_dir: Path, metrics_path: Path, generations
         provenance = {
             "git": git,
             "dvc": {
-                "exp_name": experiment_tags_now["slmtune.dvc_exp_name"],
-                "baseline_rev": experiment_tags_now["slmtune.dvc_baseline_rev"],
+                "exp_name": tags[EXP_NAME_TAG],
+                "baseline_rev": tags[BASELINE_TAG],
             },
             "inputs": inputs,
             "code": code_digests("align"),
             "config": config_to_dict(config),
             "sft": {"path": str(sft), "md5": inputs["sft_adapter"]["md5"], "mlflow_run_id": sft_run},
             "packages": package_versions(),
-            "mlflow": {
-                "run_id": run.info.run_id,
-                "experiment_id": run.info.experiment_id,
-                "tracking_uri": mlflow.get_tracking_uri(),
-            },
+            "mlflow": run_record(run),
             "parameters": counts,
             "metrics": {"train_loss": summary.get("train_loss", float("nan"))}
             | {f"heldout_{k}": v for k, v in metrics["aligned"].items()},

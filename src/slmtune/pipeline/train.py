@@ -44,6 +44,7 @@ from ..tracking import (
     log_flat_params,
     log_training_summary,
     pipeline_run,
+    run_record,
 )
 from ..training import fit, prepare_model, save_adapter, training_disk_need
 
@@ -89,11 +90,7 @@ def run_train(config: Config, adapter_dir: Path | None, train_log: Path | None) 
         step_log.write_csv(train_log)
         provenance |= {
             "packages": package_versions(),
-            "mlflow": {
-                "run_id": run.info.run_id,
-                "experiment_id": run.info.experiment_id,
-                "tracking_uri": mlflow.get_tracking_uri(),
-            },
+            "mlflow": run_record(run),
             "parameters": counts,
             "metrics": metrics,
             "resumed": bool(resumed),
