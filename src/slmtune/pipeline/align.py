@@ -2,7 +2,7 @@
 held-out preference scores of the base, SFT and aligned models with their answers to the held-out prompts.
 
 With `align.objective=none` the SFT adapter passes through: the aligned folder holds only a marker naming it, and
-every later command uses the SFT adapter (`modeling.final_adapter`). Preference sources given without an
+every later command uses the SFT adapter (`lineage.final_adapter`). Preference sources given without an
 objective are still scored (base and SFT), to show where preference tuning would start."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
 from mlflow.tracking import MlflowClient
 
 from ..alignment import align_model, save_aligned
@@ -65,6 +64,7 @@ def run_align(config: Config, aligned_dir: Path, metrics_path: Path, generations
     align = config.align
     sft = Path(config.paths.adapter)
     data = read_preferences(align, config.data.on_invalid, config.data.split_seed) if align.sources else None
+    tokenizer = load_tokenizer(config.paths.base_model)
     aligned_dir.mkdir(parents=True)
     if align.objective == "none":
         write_json(aligned_dir / ALIGNMENT_FILE, {"objective": "none", "final": str(sft), "sft_md5": dvc_md5(sft)})
@@ -72,22 +72,22 @@ def run_align(config: Config, aligned_dir: Path, metrics_path: Path, generations
         metrics: dict[str, Any] = {"objective": "none"}
         generations: list[dict[str, Any]] = []
         if data is not None:
-            metrics, generations = score_models(config, data, ("base", "sft"), aligned_dir)
+            metrics, generations = score_models(config, data, tokenizer, ("base", "sft"), aligned_dir)
             metrics = {"objective": "none", **metrics}
         write_json(metrics_path, metrics)
         write_jsonl(generations_path, generations)
         return metrics
     assert data is not None  # AlignConfig.check requires sources with an objective
-    tokenizer = load_tokenizer(config.paths.base_model)
+    resolved = config_to_dict(config)
     sft_provenance = read_provenance(sft)
     inputs = _inputs(config, sft)
-    git = git_state(written=pipeline_written_files(config_to_dict(config)))
+    git = git_state(written=pipeline_written_files(resolved))
     tags = experiment_tags()
     name = f"{run_name(config, tags[EXP_NAME_TAG])} · {align.objective} β {align.beta:g}"
     sft_run = sft_provenance["mlflow"]["run_id"]
     with mlflow_run(config.tracking, run_name=name, tags=tags | {STAGE_TAG: "align", SFT_RUN_TAG: sft_run}) as run:
-        log_flat_params(config_to_dict(config))
-        mlflow.log_dict(config_to_dict(config), "config/resolved.yaml")
+        log_flat_params(resolved)
+        mlflow.log_dict(resolved, "config/resolved.yaml")
         print(
             f"align ({align.objective}, loss {align.loss_type}, beta {align.beta:g}): {len(data.train)} training rows, "
             f"{len(data.test)} held out, from {sft}",
@@ -101,7 +101,7 @@ def run_align(config: Config, aligned_dir: Path, metrics_path: Path, generations
         save_aligned(model, tokenizer, aligned_dir)
         del model
         gc.collect()
-        metrics, generations = score_models(config, data, MODELS, aligned_dir)
+        metrics, generations = score_models(config, data, tokenizer, MODELS, aligned_dir)
         metrics = {"objective": align.objective, "loss_type": align.loss_type, "beta": align.beta, **metrics}
         metrics["train"] = {k: round(v, 4) for k, v in summary.items()}
         metrics["align_run_id"] = run.info.run_id  # not mlflow_run_id: `dvc exp show` merges it with metrics.json's
@@ -116,7 +116,7 @@ def run_align(config: Config, aligned_dir: Path, metrics_path: Path, generations
             },
             "inputs": inputs,
             "code": code_digests("align"),
-            "config": config_to_dict(config),
+            "config": resolved,
             "sft": {"path": str(sft), "md5": inputs["sft_adapter"]["md5"], "mlflow_run_id": sft_run},
             "packages": package_versions(),
             "mlflow": run_record(run),
@@ -140,20 +140,25 @@ def run_align(config: Config, aligned_dir: Path, metrics_path: Path, generations
 
 
 def _inputs(config: Config, sft: Path) -> dict[str, dict[str, Any]]:
-    """DVC md5 of what the aligned adapter is made from: the preference sources, the SFT adapter, the base."""
-    digests = {f"source/{name}": {"path": s.path, "md5": dvc_md5(s.path)} for name, s in config.align.sources.items()}
+    """DVC md5 of what the aligned adapter is made from: the preference sources (a hub dataset: its pinned revision),
+    the SFT adapter, the base."""
+    digests = {
+        f"source/{name}": {"path": s.path, "md5": None, "revision": s.revision}
+        if s.format == "hub"
+        else {"path": s.path, "md5": dvc_md5(s.path)}
+        for name, s in config.align.sources.items()
+    }
     digests["sft_adapter"] = {"path": str(sft), "md5": dvc_md5(sft)}
     digests["base_model"] = {"path": config.paths.base_model, "md5": dvc_md5(config.paths.base_model)}
     return digests
 
 
 def score_models(
-    config: Config, data: PreferenceData, models: tuple[str, ...], aligned_dir: Path
+    config: Config, data: PreferenceData, tokenizer: Any, models: tuple[str, ...], aligned_dir: Path
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Held-out preference scores of each model (the base's log-likelihoods are the reward's reference) and every
     model's answer to each held-out prompt."""
     pairs = pairs_of(data.test)
-    tokenizer = load_tokenizer(config.paths.base_model)
     prompts = list({prompt_key(r): r for r in data.test}.values())
     ids = [generation_prompt(conversation(r, "-"), config.data, tokenizer, 0)[1] for r in prompts]
     metrics: dict[str, Any] = {
@@ -187,7 +192,6 @@ def score_models(
     return metrics, generations
 
 
-@torch.no_grad()
 def _load(config: Config, name: str, aligned_dir: Path) -> Any:
     if name == "base":
         model = load_model(config.paths.base_model, config.model.dtype)
