@@ -251,7 +251,7 @@ def test_the_reference_is_the_model_with_its_adapter_disabled_not_a_second_copy(
     assert (peft_config is None) == (sft_kind == "lora")
     pair = {"source": "a", "messages": [{"role": "user", "content": "Q?"}], "chosen": "Yes, gladly.", "rejected": "No."}
     rows = trl_rows([pair] * 4, config.data, tokenizer, "dpo")
-    trainer, _ = trainer_for(config, model, tokenizer, rows, peft_config, str(tmp_path / "out"))
+    trainer = trainer_for(config, model, tokenizer, rows, peft_config, str(tmp_path / "out"))
     assert trainer.ref_model is None and set(trainer.model.peft_config) == {"default"}
     trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n for n in trained)

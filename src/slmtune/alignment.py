@@ -20,31 +20,21 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PrinterCallback
 
 from .config import Config
-from .modeling import default_target_modules, is_adapter, load_model
+from .modeling import is_adapter, load_model
 from .preferences import trl_rows
 from .telemetry import TrainingProgress
-from .training import save_adapter, use_bf16
+from .training import lora_config, use_bf16
 
 LOGGED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "grad_norm")
-
-
-class StepRecorder(TrainerCallback):
-    """The per-step figures TRL logs (loss, reward accuracy and margin), kept for MLflow and the summary."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, float]] = []
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if logs and "loss" in logs:
-            self.steps.append({"step": state.global_step} | {k: float(logs[k]) for k in LOGGED if k in logs})
+"""The per-step figures of TRL's log history that go to MLflow."""
 
 
 def policy_model(config: Config) -> tuple[Any, Any]:
     """The model to align and the peft config to wrap it in (None when it already carries the SFT adapter)."""
-    from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel, prepare_model_for_kbit_training
 
     sft = Path(config.paths.adapter)
     method = config.method
@@ -57,21 +47,13 @@ def policy_model(config: Config) -> tuple[Any, Any]:
         return model, None
     model = load_model(sft, config.model.dtype)
     model.config.use_cache = False
-    targets = list(method.target_modules) if method.target_modules else default_target_modules(model)
-    lora = LoraConfig(
-        r=method.r,
-        lora_alpha=method.alpha,
-        lora_dropout=method.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
-        task_type="CAUSAL_LM",
-    )
-    return model, lora
+    return model, lora_config(model, config)
 
 
 def trainer_for(
     config: Config, model: Any, tokenizer: Any, rows: list[dict[str, Any]], peft_config: Any, output_dir: str
-) -> tuple[Any, StepRecorder]:
-    """TRL's trainer for `align.objective`, with our schedule, precision and seed, and its step recorder."""
+) -> Any:
+    """TRL's trainer for `align.objective`, with our schedule, precision and seed."""
     align, train = config.align, config.train
     common = {
         "output_dir": output_dir,
@@ -93,7 +75,6 @@ def trainer_for(
         "disable_tqdm": True,
     }
     dataset = Dataset.from_list(rows)
-    recorder = StepRecorder()
     if align.objective == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -127,8 +108,7 @@ def trainer_for(
         trainer.model.delete_adapter("ref")  # TRL then takes the reference with the adapter disabled: the base
     trainer.remove_callback(PrinterCallback)  # raw log dicts; our progress bar (or plain lines) instead
     trainer.add_callback(TrainingProgress(desc=f"align {align.objective}"))
-    trainer.add_callback(recorder)
-    return trainer, recorder
+    return trainer
 
 
 def _cuda() -> bool:
@@ -144,15 +124,15 @@ def align_model(
     per-step log and TRL's training summary."""
     model, peft_config = policy_model(config)
     rows = trl_rows(records, config.data, tokenizer, config.align.objective)
-    trainer, recorder = trainer_for(config, model, tokenizer, rows, peft_config, output_dir)
+    trainer = trainer_for(config, model, tokenizer, rows, peft_config, output_dir)
     result = trainer.train()
     model = trainer.model
     if peft_config is not None:  # full SFT: the new adapter goes into the weights
         model = model.merge_and_unload()
+    steps = [
+        {"step": entry["step"]} | {k: float(entry[k]) for k in LOGGED if k in entry}
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
     summary = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    return model, recorder.steps, summary
-
-
-def save_aligned(model: Any, tokenizer: Any, output_dir: Path) -> None:
-    """The aligned adapter (or merged model) in the SFT stage's layout."""
-    save_adapter(model, tokenizer, output_dir)
+    return model, steps, summary

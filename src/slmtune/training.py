@@ -43,14 +43,14 @@ def class_labels(config: Config) -> list[str] | None:
     return json.loads(Path(config.paths.token_stats).read_text(encoding="utf-8"))["labels"]
 
 
-def lora_model(model: Any, config: Config) -> Any:
-    """Wrap `model` with trainable LoRA (or DoRA / rsLoRA) adapters as configured; their init is seeded.
-    A classifier's new head trains in full and is saved with the adapter."""
+def lora_config(model: Any, config: Config) -> LoraConfig:
+    """The configured LoRA (or DoRA / rsLoRA) adapter for `model`: the method's r, alpha, dropout and targets (the
+    architecture's projections by default); a classifier's new head trains in full and is saved with the adapter."""
     method = config.method
     targets = list(method.target_modules) if method.target_modules else default_target_modules(model)
     classify = config.model.task == "classification"
     to_save = list(method.modules_to_save) if method.modules_to_save else (head_modules(model) if classify else None)
-    lora = LoraConfig(
+    return LoraConfig(
         r=method.r,
         lora_alpha=method.alpha,
         lora_dropout=method.dropout,
@@ -61,6 +61,11 @@ def lora_model(model: Any, config: Config) -> Any:
         modules_to_save=to_save,
         task_type="SEQ_CLS" if classify else "CAUSAL_LM",
     )
+
+
+def lora_model(model: Any, config: Config) -> Any:
+    """Wrap `model` with trainable adapters as `lora_config` says; their init is seeded."""
+    lora = lora_config(model, config)
     set_seed(config.train.seed)
     return get_peft_model(model, lora)
 

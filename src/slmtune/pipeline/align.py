@@ -16,7 +16,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from ..alignment import align_model, save_aligned
+from ..alignment import align_model
 from ..config import Config, config_to_dict
 from ..inference import generate_answers
 from ..lineage import (
@@ -55,6 +55,7 @@ from ..tracking import (
     run_name,
     run_record,
 )
+from ..training import save_adapter
 
 MODELS = ("base", "sft", "aligned")
 
@@ -98,7 +99,7 @@ def run_align(config: Config, aligned_dir: Path, metrics_path: Path, generations
         for entry in steps:
             mlflow.log_metrics({f"align/{k}": v for k, v in entry.items() if k != "step"}, step=int(entry["step"]))
         counts = parameter_counts(model)
-        save_aligned(model, tokenizer, aligned_dir)
+        save_adapter(model, tokenizer, aligned_dir)  # the SFT adapter's layout: peft files, or a model folder
         del model
         gc.collect()
         metrics, generations = score_models(config, data, tokenizer, MODELS, aligned_dir)
