@@ -263,7 +263,7 @@ def run_ours(config, tokenizer, data_dir: Path | None) -> dict:
     mlflow.set_tracking_uri(f"sqlite:///{tempfile.mkdtemp()}/bench.db")
     step_log = StepLog()
     with mlflow.start_run():
-        metrics, _ = fit(config, model, tokenizer, splits, step_log)
+        metrics, _, _ = fit(config, model, tokenizer, splits, step_log)
     counts = parameter_counts(model)
     return {
         "tokens": round(metrics["tokens_per_second"] * metrics["train_runtime_s"]),

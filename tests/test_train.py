@@ -83,7 +83,7 @@ def test_lora_training_moves_every_adapter_weight_and_no_base_weight(tiny_model_
     step_log = StepLog()
     splits = splits_for(records, tiny_tokenizer)
     with mlflow_run(tracking) as run:
-        metrics, _ = fit(config, model, tiny_tokenizer, splits, step_log)
+        metrics, _, _ = fit(config, model, tiny_tokenizer, splits, step_log)
     # the validation loss reported is that of the final weights (read from the last step's evaluation)
     again = build_trainer(config, model, tiny_tokenizer, splits, str(tmp_path / "again"), []).evaluate()
     assert metrics["val_loss"] == pytest.approx(again["eval_loss"], rel=1e-6)
@@ -161,7 +161,7 @@ def test_epochs_set_the_length_when_max_steps_is_unset(tiny_model_dir, tiny_toke
     model = lora_model(load_model(tiny_model_dir), config)
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log_system_metrics=False)
     with mlflow_run(tracking):
-        metrics, _ = fit(config, model, tiny_tokenizer, splits_for(records, tiny_tokenizer), StepLog())
+        metrics, _, _ = fit(config, model, tiny_tokenizer, splits_for(records, tiny_tokenizer), StepLog())
     assert metrics["steps"] == 2 * 16 / (4 * 2)  # two passes over 16 examples, 8 per optimizer step
 
 
@@ -287,7 +287,7 @@ def test_precision_auto_is_bf16_where_the_hardware_computes_it_and_bf16_trains_o
         lambda module, args, out: seen.append(out.dtype) if module.training else None
     )
     with mlflow_run(tracking):
-        metrics, _ = fit(config, model, tiny_tokenizer, splits_for(records, tiny_tokenizer), StepLog())
+        metrics, _, _ = fit(config, model, tiny_tokenizer, splits_for(records, tiny_tokenizer), StepLog())
     assert metrics["bf16"] == 1.0 and seen and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights (and so optimizer states) stay fp32
 
@@ -498,8 +498,9 @@ def test_training_controls_target_modules_early_stopping_checkpointing_memory_mo
     )
     config = json.loads((project / "models/adapter/adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["r"] == 4
-    # no evaluation can improve by 10 nats: stopped at the second evaluation (step 6), not at max_steps
-    assert out["provenance"]["metrics"]["steps"] == 6
+    # no evaluation can improve by 10 nats on the base's (step 0): stopped at the next one (step 3), not max_steps
+    assert out["provenance"]["metrics"]["steps"] == 3
+    assert out["provenance"]["validation"]["stopped_early"] is True
     assert out["provenance"]["config"]["train"]["gradient_checkpointing"] == "true"
     assert out["provenance"]["metrics"]["gradient_checkpointing"] == 1.0
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")

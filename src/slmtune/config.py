@@ -7,6 +7,7 @@ or a value of the wrong type stops with one line naming the key.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -397,12 +398,19 @@ class MethodConfig:
             raise ConfigError(f"{where}: method.r must be at least 1 (got {self.r}).")
 
 
+AUTO_EPOCHS = (1.0, 10.0)
+"""Bounds of the epochs chosen from the data (`train.epochs: null`)."""
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings."""
 
-    epochs: float = 2.0
-    """Passes over the training split (ignored when max_steps > 0)."""
+    epochs: Optional[float] = None
+    """Passes over the training split (ignored when max_steps > 0); null: from the data, as many as read about
+    train.token_budget tokens, between 1 and 10 (the knowledge base: 2)."""
+    token_budget: int = 75000
+    """Tokens (prompt and answer, the training split's total times the epochs) a run reads when epochs is null."""
     max_steps: int = -1
     """Stop after this many optimiser steps; -1 trains for `epochs`."""
     learning_rate: Optional[float] = None
@@ -436,14 +444,21 @@ class TrainConfig:
     """Seed for weight init, dropout and data order."""
     logging_steps: int = 1
     """Log the training loss every N steps."""
-    eval_steps: int = 10
-    """Compute the validation loss every N steps."""
+    eval_steps: int = 0
+    """Compute the validation loss every N steps; 0: train.evaluations times over the run, whatever its length
+    (and once before the first step, the base's loss)."""
+    evaluations: int = 10
+    """Validation evaluations over a run when eval_steps is 0."""
+    select_best: bool = True
+    """With a validation split, publish the weights of the evaluation with the lowest validation loss (the base's
+    counts too: when no step beats it, the published weights are the base's), not the last step's."""
     save_steps: int = 50
     """Write a checkpoint every N steps (to paths.checkpoints), from which a killed run resumes; 0: never."""
     save_total_limit: int = 2
-    """Checkpoints kept (the oldest are deleted); the best one is also kept when early stopping."""
-    early_stopping_patience: int = 0
-    """Stop after this many evaluations without a better validation loss and keep the best weights; 0: off."""
+    """Checkpoints kept (the oldest are deleted)."""
+    early_stopping_patience: int = 5
+    """Stop after this many evaluations in a row without a better validation loss (the best weights are published
+    when select_best); 0: never stop early."""
     early_stopping_threshold: float = 0.0
     """Smallest drop of validation loss that counts as better."""
     num_processes: int = 1
@@ -457,6 +472,15 @@ class TrainConfig:
     hub_model_id: Optional[str] = None
     """Hub repository for push_to_hub, e.g. your-name/smollm2-support-lora (created private if missing)."""
 
+    def epochs_for(self, tokens: int) -> float:
+        """The passes over a training split of `tokens` tokens: `epochs` when set, else as many as read about
+        `token_budget` tokens (to a tenth), between `AUTO_EPOCHS`' bounds: one pass over large data, several
+        over small data, with the validation loss (`select_best`, early stopping) deciding where to stop."""
+        if self.epochs is not None:
+            return float(self.epochs)
+        low, high = AUTO_EPOCHS
+        return min(high, max(low, round(self.token_budget / max(tokens, 1), 1)))
+
     def check(self, where: str) -> None:
         _one_of(where, "train.precision", self.precision, PRECISIONS)
         self.gradient_checkpointing = str(self.gradient_checkpointing).lower()  # YAML true arrives as "True"
@@ -465,21 +489,35 @@ class TrainConfig:
             raise ConfigError(
                 f"{where}: train.max_batch_tokens must be >= 0 (0: no bound; got {self.max_batch_tokens})."
             )
-        for key in ("batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "num_processes"):
+        for key in ("batch_size", "gradient_accumulation_steps", "logging_steps", "evaluations", "num_processes"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{where}: train.{key} must be at least 1 (got {getattr(self, key)}).")
-        if self.save_steps < 0 or self.save_total_limit < 1:
-            raise ConfigError(f"{where}: train.save_steps must be >= 0 and train.save_total_limit >= 1.")
-        if self.early_stopping_patience > 0 and (self.save_steps == 0 or self.save_steps % self.eval_steps):
-            raise ConfigError(
-                f"{where}: early stopping keeps the best checkpoint, so train.save_steps ({self.save_steps}) must be "
-                f"a positive multiple of train.eval_steps ({self.eval_steps})."
-            )
+        for key in ("eval_steps", "save_steps", "early_stopping_patience"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}: train.{key} must be >= 0 (got {getattr(self, key)}).")
+        if self.save_total_limit < 1:
+            raise ConfigError(f"{where}: train.save_total_limit must be at least 1 (got {self.save_total_limit}).")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"{where}: train.epochs must be above 0, or null to choose from the data.")
+        if self.epochs is None and self.token_budget < 1:
+            raise ConfigError(f"{where}: train.token_budget must be at least 1 (got {self.token_budget}).")
         hub_id = self.hub_model_id
         if self.push_to_hub and not (hub_id and hub_id.count("/") <= 1 and hub_id.strip("/")):
             raise ConfigError(
                 f"{where}: train.push_to_hub=true needs train.hub_model_id as 'name' or 'owner/name' (got {hub_id!r})."
             )
+
+
+def planned_epochs(config: Any) -> float | None:
+    """The epochs a run of `config` trains (`train.epochs`, or chosen from the tokenized training split's size as
+    `reports/token_stats.json` records it); None when chosen from data not yet tokenized."""
+    if config.train.epochs is not None:
+        return float(config.train.epochs)
+    try:
+        stats = json.loads(Path(config.paths.token_stats).read_text(encoding="utf-8"))
+        return config.train.epochs_for(int(stats["splits"]["train"]["tokens"]))
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 @dataclass
@@ -493,15 +531,18 @@ class EvalConfig:
     merge_parity: bool = True
     """Also merge the adapter into the base in memory and check its test loss and greedy answers against base +
     adapter."""
+    verdict_metric: str = "loss"
+    """The metric that decides the report's verdict (better or worse than the base on the test split)."""
     gate_metric: Optional[str] = None
-    """Quality gate: fail the evaluate stage when tuned is worse than base on this metric by more than gate_max_drop;
-    null: off."""
+    """Quality gate: fail the evaluate stage when tuned is worse than base on this metric by more than gate_max_drop,
+    or (`verdict`) when the verdict is worse; null: off."""
     gate_max_drop: float = 0.0
     """Largest allowed drop (a rise, for loss and perplexity) of the tuned model against the base on gate_metric."""
 
     def check(self, task: str, where: str) -> None:
+        _one_of(where, "eval.verdict_metric", self.verdict_metric, metric_names(task))
         if self.gate_metric is not None:
-            _one_of(where, "eval.gate_metric", self.gate_metric, metric_names(task))
+            _one_of(where, "eval.gate_metric", self.gate_metric, (*metric_names(task), "verdict"))
         if self.gate_max_drop < 0:
             raise ConfigError(f"{where}: eval.gate_max_drop must be >= 0 (got {self.gate_max_drop}).")
         if self.max_new_tokens < 1 or self.batch_size < 1:

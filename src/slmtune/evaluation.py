@@ -243,6 +243,13 @@ def check_gate(config: Config, metrics: dict[str, Any]) -> dict[str, Any] | None
     name = config.eval.gate_metric
     if not name:
         return None
+    if name == "verdict":
+        found = metrics["verdict"]
+        if found["result"] == "worse":
+            raise QualityGateError(
+                f"quality gate failed: {found['sentence']} Nothing written (eval.gate_metric=verdict)."
+            )
+        return {"metric": "verdict", "result": found["result"], "passed": True}
     if name not in metrics["tuned"]:
         raise QualityGateError(
             f"quality gate: eval.gate_metric={name} has no value: no test answer has key facts (numbers, dates, "

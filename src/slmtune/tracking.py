@@ -25,7 +25,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .config import Config, ModelConfig, TrackingConfig, flatten
+from .config import Config, ModelConfig, TrackingConfig, flatten, planned_epochs
 from .errors import MissingFileError, TrackingStoreError
 from .lineage import final_adapter, git_state, project_root
 
@@ -52,6 +52,10 @@ SFT_RUN_TAG = "slmtune.sft_run_id"
 ALIGNED_RUN_TAG = "slmtune.aligned_run_id"
 """On a train run: the align run that preference-tuned its adapter."""
 REGISTERED_TAG = "slmtune.registered_model"
+VERDICT_TAG = "slmtune.verdict"
+"""better, worse or unchanged against the base on the test split (the run that was evaluated)."""
+VERDICT_TEXT_TAG = "slmtune.verdict_text"
+"""The verdict's sentence, as the report opens with it."""
 EVALUATED_METRIC = "test/tuned/loss"
 
 
@@ -194,7 +198,8 @@ def run_name(config: Config, exp_name: str = WORKSPACE) -> str:
     method = config.method
     train = config.train
     described = method.name + (f" r{method.r}" if method.adapter == "lora" else "")
-    length = f"{train.max_steps} steps" if train.max_steps > 0 else f"{train.epochs:g} epochs"
+    epochs = train.epochs if train.epochs is not None else planned_epochs(config)
+    length = f"{train.max_steps} steps" if train.max_steps > 0 else f"{epochs:g} epochs" if epochs else "auto epochs"
     name = f"{'+'.join(config.data.sources)} · {described} · lr {train.learning_rate:g} · {length}"
     if config.model.source != ModelConfig.source:  # the shipped default goes without saying
         name = f"{Path(config.model.source).name} · {name}"

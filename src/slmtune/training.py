@@ -17,7 +17,6 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     DataCollatorWithFlattening,
     DataCollatorWithPadding,
-    EarlyStoppingCallback,
     PrinterCallback,
     Trainer,
     TrainingArguments,
@@ -27,12 +26,12 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .attention import use_padding_free_attention
 from .config import Config
-from .errors import ConfigError
 from .losses import supports_trained_positions, trained_token_losses
 from .modeling import default_target_modules, head_modules, load_model
 from .outputs import write_json
 from .prompting import IGNORE_INDEX, padding_collator
 from .resume import SealCheckpoints
+from .selection import ValidationLed
 from .telemetry import MemoryMonitor, StepLog, TokenCounter, TrainingProgress
 
 
@@ -171,15 +170,22 @@ def use_gradient_checkpointing(config: Config, model: Any, splits: Any = None) -
 
 
 def training_arguments(
-    config: Config, output_dir: str, has_val: bool = True, checkpointing: bool = False, packed: bool = False
+    config: Config,
+    output_dir: str,
+    has_val: bool = True,
+    checkpointing: bool = False,
+    packed: bool = False,
+    epochs: float | None = None,
+    resuming: bool = False,
 ) -> TrainingArguments:
-    """Trainer arguments from the config: length-grouped (or padding-free) batches, checkpoints in `output_dir`."""
+    """Trainer arguments from the config: length-grouped (or padding-free) batches, checkpoints in `output_dir`,
+    `epochs` passes (default: train.epochs, or 2 when that is chosen from the data), validation `evaluations`
+    times over the run unless eval_steps is set, and once before the first step (not when `resuming`)."""
     train = config.train
-    early = train.early_stopping_patience > 0 and has_val
     bf16 = use_bf16(train)
     return TrainingArguments(
         output_dir=output_dir,
-        num_train_epochs=train.epochs,
+        num_train_epochs=epochs if epochs is not None else (train.epochs or 2.0),
         max_steps=train.max_steps,
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
@@ -198,13 +204,11 @@ def training_arguments(
         train_sampling_strategy="group_by_length" if train.group_by_length and not packed else "random",
         logging_steps=train.logging_steps,
         eval_strategy="steps" if has_val else "no",
-        eval_steps=train.eval_steps,
+        eval_steps=train.eval_steps if train.eval_steps > 0 else 1 / train.evaluations,  # a ratio: of the run
+        eval_on_start=has_val and not resuming,  # the base's validation loss: where the curve starts
         save_strategy="steps" if train.save_steps > 0 else "no",
         save_steps=max(train.save_steps, 1),
         save_total_limit=train.save_total_limit,
-        load_best_model_at_end=early,
-        metric_for_best_model="eval_loss" if early else None,
-        greater_is_better=False if early else None,
         report_to="none",
         seed=train.seed,
         data_seed=train.seed,
@@ -405,23 +409,19 @@ def build_trainer(
     callbacks: list,
     collator: Any = None,
     packed: bool = False,
+    resuming: bool = False,
 ) -> Trainer:
     """A Trainer whose batches carry no padding beyond the batch's longest example (or none: `packed`, once
     `padding_free` said the model allows it), with the lean loss where the model supports it and batches bounded
-    by `train.max_batch_tokens`."""
+    by `train.max_batch_tokens`; for as many epochs as `train.epochs_for` the training split's tokens."""
     has_val = "val" in splits
     train = config.train
-    if train.early_stopping_patience > 0:
-        if not has_val:
-            raise ConfigError(
-                "train.early_stopping_patience needs a validation split; raise data.val_fraction or set it to 0."
-            )
-        callbacks = [*callbacks, EarlyStoppingCallback(train.early_stopping_patience, train.early_stopping_threshold)]
     checkpointing = use_gradient_checkpointing(config, model, splits)
     lean = config.model.task == "causal_lm" and supports_trained_positions(model)
+    epochs = train.epochs_for(split_tokens(splits["train"]))
     return SlmTrainer(
         model=model,
-        args=training_arguments(config, output_dir, has_val, checkpointing, packed),
+        args=training_arguments(config, output_dir, has_val, checkpointing, packed, epochs, resuming),
         train_dataset=splits["train"],
         eval_dataset=splits["val"] if has_val else None,
         data_collator=collator or make_collator(config, tokenizer, packed),
@@ -429,6 +429,25 @@ def build_trainer(
         lean=lean,
         max_batch_tokens=train.max_batch_tokens,
     )
+
+
+def split_tokens(split: Any) -> int:
+    """Token positions (prompt and answer) of a tokenized split."""
+    return sum(len(ids) for ids in split["input_ids"])
+
+
+def validation_led(config: Config, model: Any, has_val: bool) -> ValidationLed | None:
+    """The callback that keeps the best-validation weights and stops early, as configured; None without a
+    validation split (training then runs its whole length and ends with the last step's weights)."""
+    train = config.train
+    if not has_val:
+        if train.select_best or train.early_stopping_patience:
+            print(
+                "note: no validation split, so training runs its whole length and publishes the last step's "
+                "weights; set data.val_fraction above 0 to let the validation loss choose"
+            )
+        return None
+    return ValidationLed(model, train.select_best, train.early_stopping_patience, train.early_stopping_threshold)
 
 
 def check_world_size(trainer: Trainer) -> None:
@@ -448,11 +467,12 @@ DISK_MARGIN_BYTES = 100 << 20
 
 def training_disk_need(config: Config, counts: dict[str, int]) -> int:
     """Bytes the train stage writes at its peak: the checkpoints it keeps (fp32 trained weights and two Adam
-    moments each: 12 bytes a trained parameter; early stopping may keep the best one more), the adapter (the
+    moments each: 12 bytes a trained parameter, and the best weights so far: 4 more), the adapter (the
     whole model after full fine-tuning) and its copy in the embedded MLflow store, and a margin."""
     train = config.train
-    kept = (train.save_total_limit + (train.early_stopping_patience > 0)) if train.save_steps > 0 else 0
-    return counts["trainable"] * (12 * kept + 2 * 4) + DISK_MARGIN_BYTES
+    kept = train.save_total_limit if train.save_steps > 0 else 0
+    per_checkpoint = 12 + 4 * train.select_best  # the best weights so far travel in each checkpoint
+    return counts["trainable"] * (per_checkpoint * kept + 2 * 4) + DISK_MARGIN_BYTES
 
 
 def fit(
@@ -463,17 +483,21 @@ def fit(
     step_log: StepLog,
     output_dir: str | None = None,
     resume_from: str | None = None,
-) -> tuple[dict[str, float], dict | None]:
+) -> tuple[dict[str, float], dict | None, dict[str, Any]]:
     """Train `model` in place on the tokenized splits, checkpointing into `output_dir` (a scratch folder
     when None; each checkpoint sealed once complete) and resuming from the checkpoint `resume_from`; return
-    losses and throughput, and after FSDP training the full state dict gathered from the shards (else None)."""
+    losses and throughput, after FSDP training the full state dict gathered from the shards (else None), and
+    the validation record (`validation_record`). With a validation split the model ends with the weights of
+    its best evaluation when `train.select_best`."""
     set_seed(config.train.seed)
     with tempfile.TemporaryDirectory(prefix="slmtune-trainer-") as scratch:
         packed = padding_free(config, model, splits)
+        led = validation_led(config, model, "val" in splits)
         try:
             collator = make_collator(config, tokenizer, packed)
+            callbacks = [step_log, *([led] if led else []), SealCheckpoints()]  # best weights in before the seal
             trainer = build_trainer(
-                config, model, tokenizer, splits, output_dir or scratch, [step_log, SealCheckpoints()], collator, packed
+                config, model, tokenizer, splits, output_dir or scratch, callbacks, collator, packed, bool(resume_from)
             )
             trainer.remove_callback(PrinterCallback)  # raw log dicts; TrainingProgress shows the run instead
             trainer.add_callback(TrainingProgress(collator))
@@ -481,11 +505,16 @@ def fit(
             if trainer.is_fsdp_enabled and trainer.accelerator.is_main_process:
                 version = trainer.accelerator.state.fsdp_plugin.fsdp_version
                 print(f"parameters sharded over {trainer.args.world_size} processes (FSDP{version})", flush=True)
+            if led and led.select_best and trainer.is_fsdp_enabled:
+                led.select_best = False
+                print("note: with sharded (FSDP) training the last step's weights are published, not the best")
+            if led and resume_from:
+                led.restore(resume_from)
             result = trainer.train(resume_from_checkpoint=resume_from)
-            val_loss = final_val_loss(trainer) if trainer.eval_dataset is not None else None
         finally:
             restore_attention(model)
         runtime = float(result.metrics["train_runtime"])
+        validation = validation_record(trainer, led, trainer.args.num_train_epochs)
         metrics = {
             "train_loss": float(result.training_loss),
             "padding_free": float(packed),
@@ -494,24 +523,42 @@ def fit(
             "processes": float(trainer.args.world_size),
             "sharded": float(trainer.is_fsdp_enabled),
             "steps": float(result.global_step),
+            "epochs": float(trainer.state.epoch or 0.0),
             "train_runtime_s": runtime,
             "tokens_per_second": collator.tokens / runtime if runtime else 0.0,
         }
-        if val_loss is not None:
-            metrics["val_loss"] = val_loss
+        if "published_loss" in validation:
+            metrics["val_loss"] = validation["published_loss"]
+            metrics["published_step"] = float(validation["published_step"])
         # Sharded (FSDP) weights: every rank joins in gathering the full state dict that rank 0 saves.
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
-    return metrics, state_dict
+    return metrics, state_dict, validation
 
 
-def final_val_loss(trainer: Trainer) -> float:
-    """The validation loss of the weights training ended with: the evaluation logged at the last step when
-    there was one (and no best checkpoint was reloaded), else a new evaluation."""
-    last = trainer.state.log_history[-2:] if trainer.state.log_history else []
-    logged = [e["eval_loss"] for e in last if "eval_loss" in e and e.get("step") == trainer.state.global_step]
-    if logged and not trainer.args.load_best_model_at_end:
-        return float(logged[-1])
-    return float(trainer.evaluate()["eval_loss"])
+def validation_record(trainer: Trainer, led: ValidationLed | None, planned_epochs: float) -> dict[str, Any]:
+    """How validation led the run, for provenance and the report's verdict: the curves (`[step, loss]`, the
+    base's validation loss at step 0), the step whose weights are published and its validation loss, whether
+    training stopped early, and the epochs planned."""
+    history = trainer.state.log_history
+    record: dict[str, Any] = {
+        "planned_epochs": float(planned_epochs),
+        "last_step": trainer.state.global_step,
+        "train_curve": [[e["step"], round(float(e["loss"]), 5)] for e in history if "loss" in e],
+        "val_curve": [[e["step"], round(float(e["eval_loss"]), 5)] for e in history if "eval_loss" in e],
+    }
+    if led is None:
+        return record | {"selected": False, "stopped_early": False}
+    published = led.published_step(trainer.state.global_step)
+    losses = dict(map(tuple, record["val_curve"]))
+    record |= {
+        "selected": led.weights is not None,
+        "stopped_early": led.stopped_early,
+        "best_step": led.best_step,
+        "best_loss": led.best_loss,
+        "published_step": published,
+        "published_loss": led.best_loss if published == led.best_step else losses.get(published),
+    }
+    return record
 
 
 def save_adapter(model: Any, tokenizer: Any, adapter_dir: Path, state_dict: dict | None = None) -> None:

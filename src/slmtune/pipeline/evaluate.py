@@ -15,7 +15,8 @@ from ..config import Config, config_to_dict
 from ..evaluation import check_gate, evaluate_base_and_tuned
 from ..lineage import final_adapter, read_provenance
 from ..outputs import write_json, write_jsonl
-from ..tracking import evaluation_run
+from ..tracking import VERDICT_TAG, VERDICT_TEXT_TAG, evaluation_run
+from ..verdict import verdict
 
 
 def by_category_table(categories: dict[str, Any]) -> dict[str, list[Any]]:
@@ -34,6 +35,8 @@ def run_evaluate(config: Config, metrics_path: Path, generations_path: Path) -> 
     """Score both models; write the metrics (with the MLflow run's id, so that `dvc exp show` links each
     experiment to its run) and every answer. A failed quality gate writes nothing."""
     metrics, generations = evaluate_base_and_tuned(config)
+    validation = read_provenance(Path(config.paths.adapter)).get("validation")
+    metrics["verdict"] = verdict(metrics, config.model.task, config.eval.verdict_metric, validation)
     gate = check_gate(config, metrics)
     if gate:
         metrics["quality_gate"] = gate
@@ -48,8 +51,14 @@ def run_evaluate(config: Config, metrics_path: Path, generations_path: Path) -> 
             mlflow.log_metric("validation/tuned/fact_accuracy", metrics["validation"]["fact_accuracy"])
         if "merge_parity" in metrics:
             mlflow.log_metrics({f"merge_parity/{k}": float(v) for k, v in metrics["merge_parity"].items()})
+        mlflow.log_metric("verdict/better", metrics["verdict"]["better"])
+        mlflow.set_tags(
+            {VERDICT_TAG: metrics["verdict"]["result"], VERDICT_TEXT_TAG: metrics["verdict"]["sentence"][:5000]}
+        )
         if gate:
-            mlflow.log_metrics({"quality_gate/passed": 1.0, "quality_gate/drop": gate["drop"]})
+            mlflow.log_metrics(
+                {"quality_gate/passed": 1.0} | ({"quality_gate/drop": gate["drop"]} if "drop" in gate else {})
+            )
         if "generation" in metrics:
             mlflow.log_dict(metrics["generation"], "config/generation.json")
         metrics["mlflow_run_id"] = run.info.run_id

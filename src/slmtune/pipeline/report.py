@@ -29,7 +29,7 @@ def run_report(config: Config, report_path: Path, loss_plot: Path, metrics_plot:
         read_jsonl(paths.preference_generations),
     )
     lock_hashes = {path: md5 for path, md5 in dvc_lock_hashes().items() if path in wanted}
-    plot_loss(loss_plot, Path(paths.train_log))
+    plot_loss(loss_plot, Path(paths.train_log), read_provenance(Path(paths.adapter)).get("validation"))
     plot_metrics(metrics_plot, metrics)
     figures = {
         name: os.path.relpath(target, Path(paths.report).parent)

@@ -83,7 +83,7 @@ def run_train(config: Config, adapter_dir: Path | None, train_log: Path | None) 
         if monitor.moments:
             mlflow.log_metrics(monitor.moments)
         step_log = StepLog(monitor, logged_steps(Path(resume_from)) if resume_from else None)
-        metrics, state_dict = fit(config, model, tokenizer, splits, step_log, str(checkpoints), resume_from)
+        metrics, state_dict, validation = fit(config, model, tokenizer, splits, step_log, str(checkpoints), resume_from)
         metrics |= {k: round(v, 1) for k, v in monitor.peaks().items()}
         log_training_summary(metrics)
         save_adapter(model, tokenizer, adapter_dir, state_dict)
@@ -93,6 +93,7 @@ def run_train(config: Config, adapter_dir: Path | None, train_log: Path | None) 
             "mlflow": run_record(run),
             "parameters": counts,
             "metrics": metrics,
+            "validation": validation,
             "resumed": bool(resumed),
         }
         _publish(config, adapter_dir, train_log, provenance, run.info.run_id)

@@ -209,6 +209,7 @@ def render_before_after(
     method = params["method"]
     rank = "" if method.get("adapter") == "none" else f" (r={method['r']})"
     return (
+        f"**Verdict:** {metrics['verdict']['sentence']}\n\n"
         "# Before and after fine-tuning\n\n"
         f"Model `{params['model']['source']}` ({params['model'].get('task', 'causal_lm')}), method {method['name']}"
         f"{rank}, data {source_list}, {metrics['test_examples']} test prompts.\n\n"
@@ -223,15 +224,24 @@ def render_before_after(
     )
 
 
-def plot_loss(path: Path, train_log: Path) -> None:
-    """Training loss per step (the train stage's log)."""
+def plot_loss(path: Path, train_log: Path, validation: dict[str, Any] | None = None) -> None:
+    """Training loss per step (the train stage's log) and, from the train stage's `validation` record, the
+    validation loss (step 0: the base's) with the step whose weights were published."""
     with open(train_log, encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     figure, axes = plt.subplots(figsize=(7, 3.5))
-    axes.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], marker="." if len(rows) < 60 else None)
+    steps = [int(r["step"]) for r in rows]
+    axes.plot(steps, [float(r["loss"]) for r in rows], marker="." if len(rows) < 60 else None, label="training")
+    curve = (validation or {}).get("val_curve") or []
+    if curve:
+        axes.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label="validation")
+        published = validation.get("published_step")
+        if published is not None:
+            axes.axvline(published, color="grey", linestyle="--", linewidth=1, label=f"published (step {published})")
+        axes.legend()
     axes.set_xlabel("step")
-    axes.set_ylabel("training loss")
-    axes.set_title("Training loss")
+    axes.set_ylabel("loss")
+    axes.set_title("Training and validation loss" if curve else "Training loss")
     axes.grid(alpha=0.3)
     save_figure(figure, path)
 
