@@ -205,8 +205,14 @@ def rows(count: int = 175, seed: int = 0) -> list[dict[str, str]]:
             }
         )
     makers = (_plan, _plan, _plan, _plan, _email, _email, _arithmetic, _conversion, _sorting)
-    generated = [rng.choice(makers)(rng) for _ in range(max(0, count - len(real)))]
-    mixed = real[:count] + generated
+    mixed, seen = [], set()
+    candidates = iter(real)
+    while len(mixed) < count:  # the real rows first, then generated ones; no prompt twice
+        row = next(candidates, None) or rng.choice(makers)(rng)
+        key = " ".join(re.findall(r"\w+", (row["instruction"] + " " + row["input"]).lower()))
+        if key not in seen:
+            seen.add(key)
+            mixed.append(row)
     rng.shuffle(mixed)
     return mixed
 

@@ -182,10 +182,10 @@ def test_quality_gate_fails_the_evaluate_stage_and_writes_nothing(trained, tmp_p
     project = copy_project(trained, tmp_path)
     base = [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES, "data=dolly"]
     before = {name: (project / "reports" / name).read_bytes() for name in ("metrics.json", "generations.jsonl")}
-    # Full fine-tuning at a learning rate of 1 wrecks the model: its test loss rises far above the base's.
-    compose_params(
-        project, project / "params.yaml", [*base, "method=full", "train.learning_rate=1.0", "eval.gate_metric=loss"]
-    )
+    # Full fine-tuning at a learning rate of 1 wrecks the model: its test loss rises far above the base's (the
+    # best-validation weights would be the base's own: publishing the last step's is what makes it worse).
+    wreck = [*base, "method=full", "train.learning_rate=1.0", "train.select_best=false"]
+    compose_params(project, project / "params.yaml", [*wreck, "eval.gate_metric=loss"])
     run(["dvc", "repro", "train"], project)
     # The stage itself, not `dvc repro` (which deletes a stage's outputs before running it): the previous
     # metrics and answers must survive a failed gate byte for byte.
@@ -195,6 +195,23 @@ def test_quality_gate_fails_the_evaluate_stage_and_writes_nothing(trained, tmp_p
     assert len(errors) == 1 and "quality gate failed: tuned loss" in errors[0] and "eval.gate_max_drop=0.0" in errors[0]
     assert {name: (project / "reports" / name).read_bytes() for name in before} == before
     assert not list((project / "reports").glob(".*.tmp"))
+    # The gate on the verdict fails the same way, with the verdict's sentence.
+    compose_params(project, project / "params.yaml", [*wreck, "eval.gate_metric=verdict"])
+    failed = run([sys.executable, "-P", "stages/evaluate.py"], project, check=False)
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert failed.returncode == 1 and len(errors) == 1
+    assert "quality gate failed: Worse than the base on the held-out test split" in errors[0]
+    assert {name: (project / "reports" / name).read_bytes() for name in before} == before
+    # Without a gate the run completes, and the report's first line says it made the model worse, and why.
+    compose_params(project, project / "params.yaml", wreck)
+    run(["dvc", "repro"], project)
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    first = (project / "reports/before_after.md").read_text().splitlines()[0]
+    assert first == f"**Verdict:** {metrics['verdict']['sentence']}"
+    assert first.startswith("**Verdict:** Worse than the base on the held-out test split") and "Likely cause: " in first
+    assert metrics["verdict"]["result"] == "worse" and metrics["verdict"]["better"] == 0.0
+    tags = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(metrics["mlflow_run_id"]).data.tags
+    assert tags["slmtune.verdict"] == "worse" and tags["slmtune.verdict_text"] == metrics["verdict"]["sentence"]
     # The trained adapter of the fixture lowers the loss a little: the gate passes and the report says so.
     compose_params(
         project,
@@ -228,6 +245,89 @@ def test_check_gate_directions():
         check_gate(config, {"base": {"fact_accuracy": 0.5}, "tuned": {"fact_accuracy": 0.4}})
     with pytest.raises(QualityGateError, match="fact_accuracy has no value: no test answer has key facts"):
         check_gate(config, {"base": {"loss": 1.0}, "tuned": {"loss": 0.5}})
+
+
+def test_check_gate_on_the_verdict():
+    from slmtune.config import Config
+    from slmtune.errors import QualityGateError
+    from slmtune.evaluation import check_gate
+
+    config = Config()
+    config.eval.gate_metric = "verdict"
+    worse = {"result": "worse", "sentence": "Worse than the base on the held-out test split: test loss 1 → 2."}
+    with pytest.raises(
+        QualityGateError,
+        match=r"quality gate failed: Worse than the base .* Nothing written \(eval.gate_metric=verdict\)",
+    ):
+        check_gate(config, {"verdict": worse})
+    for result in ("better", "unchanged"):
+        assert check_gate(config, {"verdict": {"result": result, "sentence": ""}})["passed"]
+
+
+CURVES = {  # the train stage's validation record: the base's loss at step 0, every evaluation, the training loss
+    "val_curve": [[0, 2.1], [10, 1.9], [20, 2.0], [30, 2.3], [40, 2.48]],
+    "train_curve": [[1, 2.0], [20, 1.1], [40, 0.5]],
+    "selected": False,
+    "published_step": 40,
+}
+PUBLIC = {  # the issue's run: worse on loss, perplexity and contains, better on ROUGE-L
+    "base": {"loss": 2.119, "perplexity": 8.3, "contains": 0.077, "rougeL": 0.163, "bleu": 0.02, "exact_match": 0.0},
+    "tuned": {"loss": 2.425, "perplexity": 11.3, "contains": 0.038, "rougeL": 0.184, "bleu": 0.02, "exact_match": 0.0},
+    "test_examples": 26,
+}
+
+
+def test_the_verdict_says_worse_names_the_metrics_and_reads_overfitting_from_the_curves():
+    from slmtune.verdict import verdict
+
+    found = verdict(PUBLIC, "causal_lm", "loss", CURVES)
+    assert found["result"] == "worse" and found["better"] == 0.0
+    assert found["worsened"] == ["contains"] and found["improved"] == ["rougeL"]
+    sentence = found["sentence"]
+    assert sentence.startswith(
+        "Worse than the base on the held-out test split (26 examples): test loss 2.119 → 2.425 (+14%); also worse "
+        "on contains 0.077 → 0.038; better only on ROUGE-L 0.163 → 0.184. Likely cause: overfitting: the validation "
+        "loss fell to 1.900 at step 10, then rose from there to 2.480 at step 40, while the training loss fell to "
+        "0.500. Try: set train.select_best=true"
+    )
+    # the best-validation weights were published and are still worse: the advice changes
+    selected = verdict(PUBLIC, "causal_lm", "loss", CURVES | {"selected": True, "published_step": 10})
+    assert "the published weights are already step 10's, the best on validation, yet worse" in selected["sentence"]
+    # no step beat the base's validation loss
+    flat = CURVES | {"val_curve": [[0, 1.8], [10, 1.9], [20, 2.2]]}
+    assert (
+        "no training step lowered the validation loss below the base's 1.800"
+        in verdict(PUBLIC, "causal_lm", "loss", flat)["sentence"]
+    )
+    # nothing to read without a validation split
+    assert "set data.val_fraction" in verdict(PUBLIC, "causal_lm", "loss", None)["sentence"]
+    # the deciding metric can be another: on ROUGE-L this run is better
+    assert verdict(PUBLIC, "causal_lm", "rougeL", CURVES)["sentence"].startswith(
+        "Better than the base on the held-out test split (26 examples): ROUGE-L 0.163 → 0.184; worse only on "
+        "test loss 2.119 → 2.425 (+14%) and contains 0.077 → 0.038."
+    )
+
+
+def test_the_verdict_counts_facts_and_calls_a_change_under_one_percent_unchanged():
+    from slmtune.verdict import verdict
+
+    metrics = {
+        "base": {"loss": 3.264, "fact_accuracy": 0.0, "rougeL": 0.131},
+        "tuned": {"loss": 0.165, "fact_accuracy": 12 / 17, "rougeL": 0.751},
+        "test_examples": 17,
+        "fact_examples": 17,
+    }
+    found = verdict(metrics, "causal_lm")
+    assert found["result"] == "better" and found["better"] == 1.0
+    assert found["sentence"] == (
+        "Better than the base on the held-out test split (17 examples): test loss 3.264 → 0.165 (-95%); also better "
+        "on fact accuracy 0/17 → 12/17 and ROUGE-L 0.131 → 0.751."
+    )
+    same = {"base": {"loss": 2.0, "rougeL": 0.3}, "tuned": {"loss": 1.99, "rougeL": 0.305}}
+    assert verdict(same, "causal_lm")["result"] == "unchanged"
+    assert verdict(same, "causal_lm")["sentence"].startswith("No better than the base on the held-out test split:")
+    # deciding on fact accuracy where no answer has key facts falls back to the loss
+    assert verdict(same, "causal_lm", "fact_accuracy")["metric"] == "loss"
 
 
 def test_gate_metric_must_exist_for_the_task(tmp_path):

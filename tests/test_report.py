@@ -5,6 +5,8 @@ import json
 
 def test_report_shows_plots_full_metric_table_categories_and_checks(trained):
     report = (trained / "reports/before_after.md").read_text()
+    metrics = json.loads((trained / "reports/metrics.json").read_text())
+    assert report.splitlines()[0] == f"**Verdict:** {metrics['verdict']['sentence']}"  # the verdict comes first
     for figure in ("loss_curve.png", "metrics_bars.png"):
         data = (trained / "reports" / figure).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

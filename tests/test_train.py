@@ -43,6 +43,7 @@ from slmtune.training import (
     padding_free,
     prepare_model,
     restore_attention,
+    save_adapter,
     split_batch,
     use_bf16,
     use_gradient_checkpointing,
@@ -163,6 +164,29 @@ def test_epochs_set_the_length_when_max_steps_is_unset(tiny_model_dir, tiny_toke
     with mlflow_run(tracking):
         metrics, _, _ = fit(config, model, tiny_tokenizer, splits_for(records, tiny_tokenizer), StepLog())
     assert metrics["steps"] == 2 * 16 / (4 * 2)  # two passes over 16 examples, 8 per optimizer step
+
+
+def test_an_overfitting_run_publishes_its_best_validation_weights_not_the_last(
+    tiny_model_dir, tiny_tokenizer, records, tmp_path
+):
+    """Full fine-tuning of the tiny model on 6 examples at a high learning rate: the validation loss falls, then
+    rises as the model memorises them. The weights the run ends with, saved and loaded again, are those of the
+    lowest validation loss, earlier than the last step and lower than the last step's."""
+    config = tiny_config(max_steps=40, eval_steps=4, early_stopping_patience=0)
+    splits = splits_for(records, tiny_tokenizer, n_train=6)
+    model = load_model(tiny_model_dir)
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log_system_metrics=False)
+    with mlflow_run(tracking):
+        metrics, _, validation = fit(config, model, tiny_tokenizer, splits, StepLog())
+    curve = dict(validation["val_curve"])
+    assert sorted(curve) == list(range(0, 41, 4))  # the base's loss at step 0, then every 4 steps to the last
+    best_step = min(curve, key=curve.get)
+    assert validation["published_step"] == best_step < validation["last_step"] == 40
+    assert curve[best_step] < curve[40] - 0.5  # it did overfit: the last step is far worse
+    save_adapter(model, tiny_tokenizer, tmp_path / "published")
+    published = load_model(tmp_path / "published")
+    loss = build_trainer(config, published, tiny_tokenizer, splits, str(tmp_path / "eval"), []).evaluate()["eval_loss"]
+    assert loss == pytest.approx(curve[best_step], abs=1e-4) == metrics["val_loss"]
 
 
 def test_packed_batches_score_each_example_as_if_it_were_alone(tiny_model_dir, tiny_tokenizer, records):

@@ -102,7 +102,7 @@ def verdict(
     metrics: dict[str, Any], task: str, deciding: str = "loss", validation: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Better, worse or unchanged against the base on the test split, decided by the `deciding` metric; the other
-    headline metrics that moved each way; the cause and advice from the curves; and the sentence saying so."""
+    headline metrics that moved each way; and the sentence saying so, with the cause and advice from the curves."""
     base, tuned = metrics["base"], metrics["tuned"]
     if deciding not in tuned:  # fact accuracy without key facts in the test answers
         deciding = "loss"
@@ -143,7 +143,5 @@ def verdict(
         "tuned": tuned[deciding],
         "improved": [name for name, side in sides.items() if side == 1],
         "worsened": [name for name, side in sides.items() if side == -1],
-        "cause": cause,
-        "advice": advice,
         "sentence": sentence,
     }
