@@ -8,6 +8,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import psutil
@@ -15,6 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers import TrainerControl, TrainerState
 
 from conftest import (
     SLMTUNE,
@@ -32,6 +34,7 @@ from slmtune.lineage import file_md5
 from slmtune.modeling import load_model
 from slmtune.prompting import IGNORE_INDEX
 from slmtune.resume import SEAL_FILE
+from slmtune.selection import ValidationLed
 from slmtune.telemetry import MemoryMonitor, StepLog
 from slmtune.tracking import mlflow_run
 from slmtune.training import (
@@ -187,6 +190,32 @@ def test_an_overfitting_run_publishes_its_best_validation_weights_not_the_last(
     published = load_model(tmp_path / "published")
     loss = build_trainer(config, published, tiny_tokenizer, splits, str(tmp_path / "eval"), []).evaluate()["eval_loss"]
     assert loss == pytest.approx(curve[best_step], abs=1e-4) == metrics["val_loss"]
+
+
+def test_the_best_weights_so_far_travel_in_each_checkpoint_and_early_stopping_counts_on(tmp_path):
+    """A run resumed from a checkpoint knows the best validation loss so far, its step, its weights and the
+    evaluations since: it stops and publishes as the uninterrupted run would."""
+    model = torch.nn.Linear(3, 2)
+    args, state, control = SimpleNamespace(output_dir=str(tmp_path)), TrainerState(), TrainerControl()
+    led = ValidationLed(model, select_best=True, patience=2)
+    state.global_step = 4
+    led.on_evaluate(args, state, control, metrics={"eval_loss": 1.0})
+    best = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    state.global_step = 8
+    led.on_evaluate(args, state, control, metrics={"eval_loss": 1.5})
+    (tmp_path / "checkpoint-8").mkdir()
+    led.on_save(args, state, control)
+    resumed = ValidationLed(model, select_best=True, patience=2)
+    resumed.restore(tmp_path / "checkpoint-8")
+    assert (resumed.best_step, resumed.best_loss, resumed.since_best) == (4, 1.0, 1)
+    state.global_step = 12
+    resumed.on_evaluate(args, state, control, metrics={"eval_loss": 1.2})
+    assert control.should_training_stop and resumed.stopped_early  # the second evaluation in a row without a drop
+    resumed.on_train_end(args, state, control)
+    assert all(torch.equal(p, best[name]) for name, p in model.named_parameters())
+    assert resumed.published_step(12) == 4
 
 
 def test_packed_batches_score_each_example_as_if_it_were_alone(tiny_model_dir, tiny_tokenizer, records):
