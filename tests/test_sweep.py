@@ -20,7 +20,13 @@ from slmtune.reports.sweep import SweepOutcome, rank_experiments, render_sweep_r
 from slmtune.tracking import BASELINE_TAG, EXP_NAME_TAG
 
 ROWS = {
-    "exp-a": {"method.r": 4, "train.learning_rate": 1e-4, "tuned.loss": 2.5, "tuned.rougeL": 0.30},
+    "exp-a": {
+        "method.r": 4,
+        "train.learning_rate": 1e-4,
+        "tuned.loss": 2.5,
+        "tuned.rougeL": 0.30,
+        "verdict.result": "worse",
+    },
     "exp-b": {"method.r": 8, "train.learning_rate": 1e-4, "tuned.loss": 1.5, "tuned.rougeL": 0.20},
     "exp-c": {"method.r": 4, "train.learning_rate": 3e-4, "tuned.loss": 2.0, "tuned.rougeL": 0.40},
 }
@@ -51,6 +57,11 @@ def test_sweep_ranks_by_the_chosen_metric_in_its_direction():
     table = [line for line in report.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| rank | experiment | method.r | train.learning_rate | tuned.loss")
     assert [line.split(" | ")[1] for line in table[1:]] == ["`exp-b`", "`exp-c`", "`exp-a`"]
+    assert table[0].endswith(" | verdict | MLflow run |") and [line.split(" | ")[-2] for line in table[1:]] == [
+        "–",
+        "–",
+        "worse",
+    ]
     assert "`exp-b`: `method.r=8`, `train.learning_rate=0.0001`, `tuned.loss` = 1.5" in report
     assert (
         "dvc exp apply exp-b" in report and "`exp-d`: see `dvc queue logs exp-d`" in report and "](sweep.png)" in report

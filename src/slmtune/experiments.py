@@ -44,6 +44,7 @@ from .tracking import (
     PARENT_TAG,
     SWEEP_TAG,
     THREADS_TAG,
+    VERDICT_TAG,
     open_store,
     tracking_uri,
 )
@@ -334,6 +335,8 @@ def close_child_runs(
         params = [Param(k, str(v)) for k, v in row.items() if k.split(".")[0] in CONFIG_SECTIONS]
         client.log_batch(run_id, metrics=metrics, params=params)
         client.set_tag(run_id, ADAPTER_RUN_TAG, str(row.get("mlflow_run_id")))
+        if row.get("verdict.result"):
+            client.set_tag(run_id, VERDICT_TAG, str(row["verdict.result"]))
         client.set_tag(run_id, "slmtune.restored_from_run_cache", "true")
         client.set_terminated(run_id, status="FINISHED")
 

@@ -53,11 +53,11 @@ def render_sweep_report(sweep: SweepOutcome, plot_link: str) -> str:
     rows, swept, metric = sweep.rows, sweep.swept, sweep.metric
     ranked = sweep.ranked()
     metrics = [metric] + [f"tuned.{m}" for m in SWEEP_COLUMNS if f"tuned.{m}" != metric]
-    header = ["rank", "experiment", *swept, *metrics, "MLflow run"]
+    header = ["rank", "experiment", *swept, *metrics, "verdict", "MLflow run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if h == "rank" else "---" for h in header) + "|"]
     for rank, name in enumerate(ranked, start=1):
         row = rows[name]
-        values = [short_number(row.get(k)) for k in (*swept, *metrics)]
+        values = [short_number(row.get(k)) for k in (*swept, *metrics)] + [str(row.get("verdict.result", "–"))]
         lines.append("| " + " | ".join([str(rank), f"`{name}`", *values, f"`{sweep.children.get(name, '')}`"]) + " |")
     failed = sorted(name for name, state in sweep.states.items() if state not in ("Success", "Killed"))
     killed = sorted(name for name, state in sweep.states.items() if state == "Killed")
