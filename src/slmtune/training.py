@@ -172,20 +172,20 @@ def use_gradient_checkpointing(config: Config, model: Any, splits: Any = None) -
 def training_arguments(
     config: Config,
     output_dir: str,
+    epochs: float,
     has_val: bool = True,
     checkpointing: bool = False,
     packed: bool = False,
-    epochs: float | None = None,
     resuming: bool = False,
 ) -> TrainingArguments:
     """Trainer arguments from the config: length-grouped (or padding-free) batches, checkpoints in `output_dir`,
-    `epochs` passes (default: train.epochs, or 2 when that is chosen from the data), validation `evaluations`
-    times over the run unless eval_steps is set, and once before the first step (not when `resuming`)."""
+    `epochs` passes (`train.epochs_for` the data), validation `evaluations` times over the run unless eval_steps is
+    set, and once before the first step (not when `resuming`)."""
     train = config.train
     bf16 = use_bf16(train)
     return TrainingArguments(
         output_dir=output_dir,
-        num_train_epochs=epochs if epochs is not None else (train.epochs or 2.0),
+        num_train_epochs=epochs,
         max_steps=train.max_steps,
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
@@ -421,7 +421,7 @@ def build_trainer(
     epochs = train.epochs_for(split_tokens(splits["train"]))
     return SlmTrainer(
         model=model,
-        args=training_arguments(config, output_dir, has_val, checkpointing, packed, epochs, resuming),
+        args=training_arguments(config, output_dir, epochs, has_val, checkpointing, packed, resuming),
         train_dataset=splits["train"],
         eval_dataset=splits["val"] if has_val else None,
         data_collator=collator or make_collator(config, tokenizer, packed),
