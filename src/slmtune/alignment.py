@@ -16,6 +16,7 @@ Every later command loads the aligned result the way it loads the SFT one.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,25 @@ from datasets import Dataset
 from transformers import PrinterCallback
 
 from .config import Config
-from .modeling import is_adapter, load_model
-from .preferences import trl_rows
+from .inference import generate_answers
+from .modeling import is_adapter, load_model, load_tuned
+from .preferences import (
+    PreferenceData,
+    conversation,
+    pair_logps,
+    pairs_of,
+    preference_scores,
+    prompt_key,
+    trl_rows,
+)
+from .prompting import generation_prompt
 from .telemetry import TrainingProgress
 from .training import lora_config, use_bf16
 
 LOGGED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "grad_norm")
 """The per-step figures of TRL's log history that go to MLflow."""
+MODELS = ("base", "sft", "aligned")
+"""The models the align stage scores: the base, the SFT result, the aligned one."""
 
 
 def policy_model(config: Config) -> tuple[Any, Any]:
@@ -136,3 +149,50 @@ def align_model(
     ]
     summary = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     return model, steps, summary
+
+
+def score_models(
+    config: Config, data: PreferenceData, tokenizer: Any, models: tuple[str, ...], aligned_dir: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Held-out preference scores of each model (the base's log-likelihoods are the reward's reference) and every
+    model's answer to each held-out prompt."""
+    pairs = pairs_of(data.test)
+    prompts = list({prompt_key(r): r for r in data.test}.values())
+    ids = [generation_prompt(conversation(r, "-"), config.data, tokenizer, 0)[1] for r in prompts]
+    metrics: dict[str, Any] = {
+        "train_rows": len(data.train),
+        "heldout_rows": len(data.test),
+        "heldout_pairs": len(pairs),
+        "heldout_prompts": len(prompts),
+        "dropped": data.stats["dropped"],
+    }
+    answers: dict[str, list[str]] = {}
+    reference = None
+    for name in models:
+        model = _load(config, name, aligned_dir)
+        logps = pair_logps(model, tokenizer, pairs, config.data) if pairs else None
+        if logps is not None:
+            reference = reference or logps  # the base comes first: the reference of every reward
+            metrics[name] = preference_scores(logps, reference, config.align.beta)
+        answers[name] = generate_answers(model, tokenizer, ids, config.align.max_new_tokens, 8, desc=f"{name} model")
+        del model
+        gc.collect()
+    generations = [
+        {
+            "source": r["source"],
+            "prompt": r["messages"][-1]["content"],
+            "chosen": r.get("chosen", r.get("completion") if r.get("label") else None),
+            "rejected": r.get("rejected", r.get("completion") if not r.get("label", True) else None),
+        }
+        | {name: answers[name][i] for name in models}
+        for i, r in enumerate(prompts)
+    ]
+    return metrics, generations
+
+
+def _load(config: Config, name: str, aligned_dir: Path) -> Any:
+    if name == "base":
+        model = load_model(config.paths.base_model, config.model.dtype)
+        model.eval()
+        return model
+    return load_tuned(config, Path(config.paths.adapter) if name == "sft" else aligned_dir)[0]

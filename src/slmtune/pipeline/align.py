@@ -13,72 +13,81 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.tracking import MlflowClient
-
-from ..alignment import align_model
-from ..config import Config, config_to_dict
-from ..inference import generate_answers
-from ..lineage import (
-    ALIGNMENT_FILE,
-    PROVENANCE_FILE,
-    aligned_card,
-    code_digests,
-    dvc_md5,
-    git_state,
-    package_versions,
-    pipeline_written_files,
-    read_provenance,
-)
-from ..modeling import load_model, load_tokenizer, load_tuned, parameter_counts
+from ..config import Config
+from ..lineage import ALIGNMENT_FILE, dvc_md5
 from ..outputs import write_json, write_jsonl
-from ..preferences import (
-    PreferenceData,
-    conversation,
-    pair_logps,
-    pairs_of,
-    preference_scores,
-    prompt_key,
-    read_preferences,
-)
-from ..prompting import generation_prompt
-from ..tracking import (
-    ALIGNED_RUN_TAG,
-    BASELINE_TAG,
-    EXP_NAME_TAG,
-    SFT_RUN_TAG,
-    STAGE_TAG,
-    experiment_tags,
-    log_flat_params,
-    mlflow_run,
-    open_store,
-    run_name,
-    run_record,
-)
-from ..training import save_adapter
-
-MODELS = ("base", "sft", "aligned")
 
 
 def run_align(config: Config, aligned_dir: Path, metrics_path: Path, generations_path: Path) -> dict[str, Any]:
     """Align (or pass the SFT adapter through), score, and write the three outputs."""
     align = config.align
     sft = Path(config.paths.adapter)
-    data = read_preferences(align, config.data.on_invalid, config.data.split_seed) if align.sources else None
-    tokenizer = load_tokenizer(config.paths.base_model)
     aligned_dir.mkdir(parents=True)
+    if align.objective == "none" and not align.sources:  # the default: nothing to load, nothing to score
+        return _pass_through(sft, aligned_dir, metrics_path, generations_path)
+    return _with_preferences(config, sft, aligned_dir, metrics_path, generations_path)
+
+
+def _pass_through(
+    sft: Path,
+    aligned_dir: Path,
+    metrics_path: Path,
+    generations_path: Path,
+    scores: dict[str, Any] | None = None,
+    generations: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The SFT adapter is final: the marker naming it, and base and SFT's preference scores when there were any."""
+    write_json(aligned_dir / ALIGNMENT_FILE, {"objective": "none", "final": str(sft), "sft_md5": dvc_md5(sft)})
+    print(f"align: no preference objective (align.objective=none); the SFT adapter {sft} is final")
+    metrics: dict[str, Any] = {"objective": "none", **(scores or {})}
+    write_json(metrics_path, metrics)
+    write_jsonl(generations_path, generations or [])
+    return metrics
+
+
+def _with_preferences(
+    config: Config, sft: Path, aligned_dir: Path, metrics_path: Path, generations_path: Path
+) -> dict[str, Any]:
+    """Score base and SFT on the preference data (`align.objective=none`), or tune on it and score all three."""
+    # Imported here, not at the top: torch, transformers, TRL and MLflow take about 6 s to import, which every
+    # `dvc repro` of the default pipeline (no preference data) would otherwise pay for a pass-through.
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from ..alignment import MODELS, align_model, score_models
+    from ..config import config_to_dict
+    from ..lineage import (
+        PROVENANCE_FILE,
+        aligned_card,
+        code_digests,
+        git_state,
+        package_versions,
+        pipeline_written_files,
+        read_provenance,
+    )
+    from ..modeling import load_tokenizer, parameter_counts
+    from ..preferences import read_preferences
+    from ..tracking import (
+        ALIGNED_RUN_TAG,
+        BASELINE_TAG,
+        EXP_NAME_TAG,
+        SFT_RUN_TAG,
+        STAGE_TAG,
+        experiment_tags,
+        log_flat_params,
+        mlflow_run,
+        open_store,
+        run_name,
+        run_record,
+    )
+    from ..training import save_adapter
+
+    align = config.align
+    data = read_preferences(align, config.data.on_invalid, config.data.split_seed)
+    tokenizer = load_tokenizer(config.paths.base_model)
     if align.objective == "none":
-        write_json(aligned_dir / ALIGNMENT_FILE, {"objective": "none", "final": str(sft), "sft_md5": dvc_md5(sft)})
-        print(f"align: no preference objective (align.objective=none); the SFT adapter {sft} is final")
-        metrics: dict[str, Any] = {"objective": "none"}
-        generations: list[dict[str, Any]] = []
-        if data is not None:
-            metrics, generations = score_models(config, data, tokenizer, ("base", "sft"), aligned_dir)
-            metrics = {"objective": "none", **metrics}
-        write_json(metrics_path, metrics)
-        write_jsonl(generations_path, generations)
-        return metrics
-    assert data is not None  # AlignConfig.check requires sources with an objective
+        scores, generations = score_models(config, data, tokenizer, ("base", "sft"), aligned_dir)
+        return _pass_through(sft, aligned_dir, metrics_path, generations_path, scores, generations)
     resolved = config_to_dict(config)
     sft_provenance = read_provenance(sft)
     inputs = _inputs(config, sft)
@@ -152,50 +161,3 @@ def _inputs(config: Config, sft: Path) -> dict[str, dict[str, Any]]:
     digests["sft_adapter"] = {"path": str(sft), "md5": dvc_md5(sft)}
     digests["base_model"] = {"path": config.paths.base_model, "md5": dvc_md5(config.paths.base_model)}
     return digests
-
-
-def score_models(
-    config: Config, data: PreferenceData, tokenizer: Any, models: tuple[str, ...], aligned_dir: Path
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Held-out preference scores of each model (the base's log-likelihoods are the reward's reference) and every
-    model's answer to each held-out prompt."""
-    pairs = pairs_of(data.test)
-    prompts = list({prompt_key(r): r for r in data.test}.values())
-    ids = [generation_prompt(conversation(r, "-"), config.data, tokenizer, 0)[1] for r in prompts]
-    metrics: dict[str, Any] = {
-        "train_rows": len(data.train),
-        "heldout_rows": len(data.test),
-        "heldout_pairs": len(pairs),
-        "heldout_prompts": len(prompts),
-        "dropped": data.stats["dropped"],
-    }
-    answers: dict[str, list[str]] = {}
-    reference = None
-    for name in models:
-        model = _load(config, name, aligned_dir)
-        logps = pair_logps(model, tokenizer, pairs, config.data) if pairs else None
-        if logps is not None:
-            reference = reference or logps  # the base comes first: the reference of every reward
-            metrics[name] = preference_scores(logps, reference, config.align.beta)
-        answers[name] = generate_answers(model, tokenizer, ids, config.align.max_new_tokens, 8, desc=f"{name} model")
-        del model
-        gc.collect()
-    generations = [
-        {
-            "source": r["source"],
-            "prompt": r["messages"][-1]["content"],
-            "chosen": r.get("chosen", r.get("completion") if r.get("label") else None),
-            "rejected": r.get("rejected", r.get("completion") if not r.get("label", True) else None),
-        }
-        | {name: answers[name][i] for name in models}
-        for i, r in enumerate(prompts)
-    ]
-    return metrics, generations
-
-
-def _load(config: Config, name: str, aligned_dir: Path) -> Any:
-    if name == "base":
-        model = load_model(config.paths.base_model, config.model.dtype)
-        model.eval()
-        return model
-    return load_tuned(config, Path(config.paths.adapter) if name == "sft" else aligned_dir)[0]
