@@ -142,22 +142,40 @@ def test_gradient_accumulation_trains_like_the_larger_batch(tiny_model_dir, tiny
 
 
 def test_gradient_checkpointing_recomputes_each_layer_in_the_backward_pass(
-    tiny_model_dir, tiny_tokenizer, records, tmp_path
+    tiny_model_dir, tiny_tokenizer, records, tmp_path, monkeypatch
 ):
-    def counting(calls):
+    from slmtune import training
+    from slmtune.training import activation_bytes
+
+    def counting(calls, tokens=None):
         def hook(module, args):
             if module.training:  # not the padding-free check's forwards (eval mode)
                 calls.append(torch._C._current_graph_task_id() != -1)  # whether this forward runs inside a backward
+                if tokens is not None and not calls[-1]:
+                    tokens.append(args[0].shape[0] * args[0].shape[1])  # the micro-batch's token positions
 
         return hook
 
-    plain, checkpointed = [], []
-    train_steps(tiny_model_dir, tiny_tokenizer, records, tmp_path, 2, hook=counting(plain))
-    train_steps(
-        tiny_model_dir, tiny_tokenizer, records, tmp_path, 2, hook=counting(checkpointed), gradient_checkpointing=True
+    plain, checkpointed, tokens = [], [], []
+    weights = train_steps(tiny_model_dir, tiny_tokenizer, records, tmp_path, 3, hook=counting(plain, tokens))
+    recomputed = train_steps(
+        tiny_model_dir, tiny_tokenizer, records, tmp_path, 3, hook=counting(checkpointed), gradient_checkpointing=True
     )
-    assert plain == [False, False]  # one forward of the first layer's MLP per step
-    assert checkpointed == [False, True] * 2  # and one more in each backward pass, recomputing what was not kept
+    assert plain == [False] * 3  # one forward of the first layer's MLP per step
+    assert checkpointed == [False, True] * 3  # and one more in each backward pass, recomputing what was not kept
+    assert all(torch.equal(recomputed[name], weight) for name, weight in weights.items())  # the same, bit for bit
+
+    # auto: only a micro-batch over the budget recomputes (here: the budget fits the smallest of the three)
+    assert len(set(tokens)) > 1, tokens
+    per_token = activation_bytes(load_model(tiny_model_dir), 1, False)
+    monkeypatch.setattr(training, "ACTIVATION_BUDGET_BYTES", per_token * min(tokens))
+    auto = []
+    mixed = train_steps(
+        tiny_model_dir, tiny_tokenizer, records, tmp_path, 3, hook=counting(auto), gradient_checkpointing="auto"
+    )
+    expected = [[False, True] if n > min(tokens) else [False] for n in tokens]
+    assert auto == [seen for step in expected for seen in step], (auto, tokens)
+    assert all(torch.equal(mixed[name], weight) for name, weight in weights.items())
 
 
 def test_epochs_set_the_length_when_max_steps_is_unset(tiny_model_dir, tiny_tokenizer, records, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -155,8 +156,9 @@ def sequence_length(config: Config, splits: Any = None) -> int:
 
 
 def use_gradient_checkpointing(config: Config, model: Any, splits: Any = None) -> bool:
-    """`true` / `false` as set; `auto`: on when a micro-batch of `train.max_batch_tokens` tokens (or of the
-    longest batch the data allows) would keep more than `ACTIVATION_BUDGET_BYTES` of activations."""
+    """`true` / `false` as set; `auto`: set up when a micro-batch of `train.max_batch_tokens` tokens (or of the
+    longest batch the data allows) would keep more than `ACTIVATION_BUDGET_BYTES` of activations; then only the
+    micro-batches that would (`checkpoint_above`) recompute their layers."""
     setting = str(config.train.gradient_checkpointing).lower()
     if setting != "auto":
         return setting == "true"
@@ -165,8 +167,17 @@ def use_gradient_checkpointing(config: Config, model: Any, splits: Any = None) -
     tokens = train.batch_size * longest
     if train.max_batch_tokens > 0:
         tokens = min(tokens, max(train.max_batch_tokens, longest))
+    return tokens > checkpoint_above(config, model)
+
+
+def checkpoint_above(config: Config, model: Any) -> int:
+    """The most token positions a micro-batch may hold and still keep its activations (`activation_bytes`) within
+    `ACTIVATION_BUDGET_BYTES`: above it, `train.gradient_checkpointing=auto` recomputes the micro-batch's layers in
+    the backward pass. Recomputing gives the same gradients, bit for bit, so which batches do changes only time and
+    memory; a few long examples no longer slow every batch by the recomputation (about a quarter of a step)."""
     dropout = config.method.dropout if config.method.adapter == "lora" else 0.0
-    return activation_bytes(model, tokens, use_bf16(train), dropout) > ACTIVATION_BUDGET_BYTES
+    per_token = activation_bytes(model, 1, use_bf16(config.train), dropout)
+    return ACTIVATION_BUDGET_BYTES // per_token if per_token else sys.maxsize
 
 
 def training_arguments(
@@ -354,10 +365,22 @@ class SlmTrainer(Trainer):
     accumulated batch, and a batch of more than `max_batch_tokens` token positions run as several forward and
     backward passes summed into the same optimizer step (gradients synchronised once, after the last)."""
 
-    def __init__(self, *args: Any, lean: bool = False, max_batch_tokens: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        lean: bool = False,
+        max_batch_tokens: int = 0,
+        checkpoint_above: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.lean = lean and not self.is_fsdp_enabled  # sharded parameters: the model's own loss
         self.max_batch_tokens = max_batch_tokens
+        self.checkpoint_above = checkpoint_above
+        """With activation checkpointing set up: only micro-batches of more token positions than this recompute
+        their layers (None: every one does)."""
+        self.micro_batches = self.checkpointed = 0
+        self._checkpointed_layers: list[Any] | None = None
         if self.lean:
             # the Trainer then counts the trained tokens of each accumulated batch (labels shifted, as causal LM
             # losses are) and hands the count to compute_loss, whose loss is then already scaled for accumulation
@@ -390,14 +413,31 @@ class SlmTrainer(Trainer):
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         pieces = split_batch(inputs, self.max_batch_tokens) if self.lean else [inputs]
         if len(pieces) == 1:
+            self._checkpoint_if_needed(model, inputs)
             return super().training_step(model, inputs, num_items_in_batch)
         total = None
         for index, piece in enumerate(pieces):
             last = index == len(pieces) - 1
+            self._checkpoint_if_needed(model, piece)
             with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
                 loss = super().training_step(model, piece, num_items_in_batch)
             total = loss if total is None else total + loss
         return total
+
+    def _checkpoint_if_needed(self, model: Any, inputs: dict[str, Any]) -> None:
+        """Count the micro-batch, and whether its layers recompute: all of them with checkpointing on, else only
+        those over `checkpoint_above` positions (the flag transformers' checkpointed layers read, set per batch)."""
+        self.micro_batches += 1
+        if not self.args.activation_checkpointing:
+            return
+        if self._checkpointed_layers is None:  # the Trainer turned checkpointing on when training started
+            self._checkpointed_layers = [
+                m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
+            ]
+        need = self.checkpoint_above is None or inputs["input_ids"].numel() > self.checkpoint_above
+        for layer in self._checkpointed_layers:
+            layer.gradient_checkpointing = need
+        self.checkpointed += need
 
 
 def build_trainer(
@@ -428,6 +468,7 @@ def build_trainer(
         callbacks=callbacks,
         lean=lean,
         max_batch_tokens=train.max_batch_tokens,
+        checkpoint_above=checkpoint_above(config, model) if train.gradient_checkpointing == "auto" else None,
     )
 
 
@@ -519,7 +560,8 @@ def fit(
             "train_loss": float(result.training_loss),
             "padding_free": float(packed),
             "bf16": float(use_bf16(config.train)),
-            "gradient_checkpointing": float(trainer.args.activation_checkpointing),
+            # the share of micro-batches whose layers recomputed (all or none unless `auto`)
+            "gradient_checkpointing": trainer.checkpointed / max(trainer.micro_batches, 1),
             "processes": float(trainer.args.world_size),
             "sharded": float(trainer.is_fsdp_enabled),
             "steps": float(result.global_step),
