@@ -277,7 +277,8 @@ def log_training_summary(metrics: dict[str, float]) -> None:
     figures = {name: metrics[key] for key, name in SUMMARY_METRICS.items() if key in metrics}
     figures |= {k: v for k, v in metrics.items() if k.startswith("memory/")}
     mlflow.log_metrics(figures, step=step)
-    mlflow.set_tags({f"slmtune.{k}": str(int(metrics[k])) for k in RUN_FACTS if k in metrics})
+    # 1 / 0; gradient_checkpointing under `auto` may be a share of the micro-batches
+    mlflow.set_tags({f"slmtune.{k}": f"{metrics[k]:.3g}" for k in RUN_FACTS if k in metrics})
 
 
 def log_flat_params(config: dict[str, Any]) -> None:
