@@ -143,7 +143,7 @@ def test_evaluation_has_every_metric_per_category_and_the_merge_parity(trained):
         "do_sample": False,
         "num_beams": 1,
         "max_new_tokens": 8,
-        "batch_size": 8,
+        "batch_size": 32,
         "seed": 42,
         "stop": "eos",
     }

@@ -526,8 +526,10 @@ class EvalConfig:
 
     max_new_tokens: int = 64
     """Longest generated answer."""
-    batch_size: int = 8
-    """Prompts per generation batch."""
+    batch_size: int = 32
+    """Examples per loss batch and prompts per generation batch. Greedy decoding reads every weight once a token
+    whatever the batch, so larger batches cost little more per step: SmolLM2 on this CPU, 17 answers of 64 tokens,
+    20.9 s in batches of 8, 13.4 s in one batch (the same answers)."""
     merge_parity: bool = True
     """Also merge the adapter into the base in memory and check its test loss and greedy answers against base +
     adapter."""
