@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -352,3 +353,29 @@ def test_sft_then_dpo_orpo_kto_through_dvc_repro(tiny_trained, tmp_path):
     metrics = json.loads((project / "reports/metrics.json").read_text())
     assert client.get_run(metrics["mlflow_run_id"]).data.tags["slmtune.adapter_run_id"] == sft_run  # the SFT adapter
     assert "## Preference tuning" not in (project / "reports/before_after.md").read_text()
+
+
+def test_the_default_pass_through_imports_no_model_library(tmp_path):
+    """Without preference data the align stage only names the SFT adapter: it must not pay for importing torch,
+    transformers, TRL or MLflow (about 6 s in every `dvc repro` of the default pipeline)."""
+    sft = tmp_path / "adapter"
+    sft.mkdir()
+    (sft / "adapter_model.safetensors").write_bytes(b"weights")
+    script = f"""
+import json, sys
+from pathlib import Path
+from slmtune.config import Config
+from slmtune.pipeline.align import run_align
+
+config = Config()
+config.paths.adapter = {str(sft)!r}
+out = Path({str(tmp_path)!r})
+run_align(config, out / "aligned", out / "metrics.json", out / "generations.jsonl")
+print(json.dumps(sorted(m for m in ("torch", "transformers", "trl", "peft", "mlflow") if m in sys.modules)))
+"""
+    result = run([sys.executable, "-c", script], tmp_path)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+    marker = json.loads((tmp_path / "aligned/alignment.json").read_text())
+    assert marker["objective"] == "none" and marker["final"] == str(sft)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"objective": "none"}
+    assert (tmp_path / "generations.jsonl").read_text() == ""
