@@ -14,11 +14,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from datasets import Dataset, DatasetDict
+from filelock import FileLock
 
 from slmtune.config import DataConfig, SourceConfig, compose_params
 from slmtune.data import read_records
@@ -61,8 +64,31 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), sample_texts())
+def shared_tmp(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this run sees (the parent of the workers' own temporary folders)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(shared: Path, name: str, build: Callable[[Path], Any]) -> Any:
+    """`build(folder)` run once per test run whatever the number of workers, in `shared / name`: the first worker
+    to ask builds it under a file lock, the others wait for it and read what it returned (JSON) from there. A
+    build that failed is retried by the next worker that asks, from an empty folder. (pytest-xdist's way to run
+    a session fixture once.)"""
+    folder, done = shared / name, shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if done.is_file():
+            return json.loads(done.read_text())
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        value = build(folder)
+        done.write_text(json.dumps(value))
+        return value
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(shared_tmp) -> Path:
+    return Path(built_once(shared_tmp, "tiny-llama", lambda folder: str(save_tiny_llama(folder, sample_texts()))))
 
 
 def stage_env() -> dict[str, str]:
@@ -270,34 +296,50 @@ class Reproduced:
 
 
 @pytest.fixture(scope="session")
-def tiny_trained(tmp_path_factory, tiny_model_dir) -> Reproduced:
+def tiny_trained(shared_tmp, tiny_model_dir) -> Reproduced:
     """The default project (company_kb) on the tiny Llama, through every stage by `dvc repro`, then `dvc repro`
-    again; shared by the tests that read a trained project (those that change it `copy_project` it first)."""
-    project = make_project(
-        tmp_path_factory.mktemp("tiny-trained") / "project",
-        [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES],
-    )
-    first = run(["dvc", "repro"], project)
-    return Reproduced(project, first.stdout, run(["dvc", "repro"], project).stdout, first.stdout + first.stderr)
+    again; shared by the tests that read a trained project (those that change it `copy_project` it first), built
+    once for all workers."""
+
+    def build(folder: Path) -> dict[str, str]:
+        project = make_project(
+            folder / "project", [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES]
+        )
+        first = run(["dvc", "repro"], project)
+        second = run(["dvc", "repro"], project)
+        return {
+            "project": str(project),
+            "first": first.stdout,
+            "second": second.stdout,
+            "log": first.stdout + first.stderr,
+        }
+
+    built = built_once(shared_tmp, "tiny-trained", build)
+    return Reproduced(Path(built["project"]), built["first"], built["second"], built["log"])
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, tiny_model_dir) -> Path:
+def trained(shared_tmp, tiny_model_dir) -> Path:
     """A tiny-Llama project on the Dolly preset (which has categories), through every stage once; shared
-    by the evaluate, report, chat, generate, merge and export tests (read it, or `copy_project` it)."""
-    project = make_project(
-        tmp_path_factory.mktemp("trained") / "project",
-        [
-            f"model.source={tiny_model_dir}",
-            "model.gguf_file=null",
-            *TINY_OVERRIDES,
-            "data=dolly",
-            "train.max_steps=12",
-            "train.learning_rate=2e-3",
-        ],
-    )
-    run(["dvc", "repro"], project)
-    return project
+    by the evaluate, report, chat, generate, merge and export tests (read it, or `copy_project` it), built once
+    for all workers."""
+
+    def build(folder: Path) -> str:
+        project = make_project(
+            folder / "project",
+            [
+                f"model.source={tiny_model_dir}",
+                "model.gguf_file=null",
+                *TINY_OVERRIDES,
+                "data=dolly",
+                "train.max_steps=12",
+                "train.learning_rate=2e-3",
+            ],
+        )
+        run(["dvc", "repro"], project)
+        return str(project)
+
+    return Path(built_once(shared_tmp, "trained", build))
 
 
 def _link_weights(source: str, target: str) -> None:

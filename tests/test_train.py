@@ -21,6 +21,7 @@ from transformers import TrainerControl, TrainerState
 from conftest import (
     SLMTUNE,
     TINY_OVERRIDES,
+    built_once,
     copy_project,
     make_project,
     run,
@@ -459,15 +460,19 @@ def tiny_overrides(model_dir: Path) -> list[str]:
     return [f"model.source={model_dir}", "model.gguf_file=null", *TINY_OVERRIDES]
 
 
-@pytest.fixture(scope="module")
-def tokenized(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny-Llama (width 64, so that 4-bit kernels take it) project whose base/prepare/tokenize ran once,
-    and the model folder."""
-    root = tmp_path_factory.mktemp("methods")
-    model_dir = save_tiny_model(root / "tiny-llama-64", sample_texts(), "llama")
-    project = make_project(root / "project", tiny_overrides(model_dir))
-    run(["dvc", "repro", "tokenize"], project)
-    return project, model_dir
+@pytest.fixture(scope="session")
+def tokenized(shared_tmp) -> tuple[Path, Path]:
+    """A tiny-Llama (width 64, so that 4-bit kernels take it) project whose base/prepare/tokenize ran once (for
+    all workers), and the model folder."""
+
+    def build(root: Path) -> list[str]:
+        model_dir = save_tiny_model(root / "tiny-llama-64", sample_texts(), "llama")
+        project = make_project(root / "project", tiny_overrides(model_dir))
+        run(["dvc", "repro", "tokenize"], project)
+        return [str(project), str(model_dir)]
+
+    project, model_dir = built_once(shared_tmp, "methods", build)
+    return Path(project), Path(model_dir)
 
 
 def repro(project: Path, overrides: list[str]) -> dict:
