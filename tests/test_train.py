@@ -772,20 +772,11 @@ def test_training_killed_anywhere_resumes_to_the_uninterrupted_runs_log_and_byte
 
 
 @pytest.mark.pipeline
-def test_stale_checkpoints_of_another_config_are_not_resumed(tmp_path, tiny_model_dir):
-    overrides = [
-        f"model.source={tiny_model_dir}",
-        "model.gguf_file=null",
-        *TINY_OVERRIDES,
-        "train.max_steps=60",
-        "train.save_steps=5",
-        "train.eval_steps=5",
-    ]
-    project = make_project(tmp_path / "project", overrides)
-    run(["dvc", "repro", "tokenize"], project)
+def test_stale_checkpoints_of_another_config_are_not_resumed(tokenized, tmp_path):
+    project = copy_project(tokenized[0], tmp_path)
+    overrides = [*tiny_overrides(tokenized[1]), "train.max_steps=60", "train.save_steps=5", "train.eval_steps=5"]
+    compose_params(project, project / "params.yaml", overrides)
     kill_at_checkpoint(project, 5)
-    from slmtune.config import compose_params
-
     compose_params(project, project / "params.yaml", [*overrides, "train.learning_rate=5e-4"])
     result = run(["dvc", "repro", "train"], project)
     assert "resuming" not in result.stdout + result.stderr
@@ -959,15 +950,10 @@ def test_an_accelerate_config_that_cannot_run_on_cpu_is_refused_before_launch(tm
 
 
 @pytest.mark.pipeline
-def test_push_to_hub_offline_fails_before_training(tmp_path, tiny_model_dir):
-    overrides = [
-        f"model.source={tiny_model_dir}",
-        "model.gguf_file=null",
-        *TINY_OVERRIDES,
-        "train.push_to_hub=true",
-        "train.hub_model_id=someone/tiny-lora",
-    ]
-    project = make_project(tmp_path / "p", overrides)
+def test_push_to_hub_offline_fails_before_training(tokenized, tmp_path):
+    project = copy_project(tokenized[0], tmp_path)
+    overrides = [*tiny_overrides(tokenized[1]), "train.push_to_hub=true", "train.hub_model_id=someone/tiny-lora"]
+    compose_params(project, project / "params.yaml", overrides)
     result = run(["dvc", "repro"], project, check=False)
     assert result.returncode != 0
     assert (
