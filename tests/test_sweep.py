@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_OVERRIDES, make_project, run, stage_env
+from conftest import TINY_OVERRIDES, built_once, make_project, run, stage_env
 from slmtune.errors import ExperimentError
 from slmtune.experiments import metric_direction, sweep_points, swept_keys
 from slmtune.reports.sweep import SweepOutcome, rank_experiments, render_sweep_report
@@ -88,16 +88,26 @@ def test_experiments_are_read_under_their_baseline_and_a_swept_group_by_its_pres
     assert swept_keys(["method=lora,full", "train.max_steps=5"]) == ["method"]
 
 
-def fresh_clone_project(tmp_path: Path, tiny_model_dir: Path) -> Path:
+@pytest.fixture(scope="session")
+def fresh_clone(shared_tmp, tiny_model_dir) -> Path:
     """A tiny project whose conf/ holds its settings (queued experiments recompose conf/), in the state of a
-    fresh clone: dvc.lock committed, no outputs, no cache."""
-    project = make_project(
-        tmp_path / "project",
-        [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES],
-        frozen_conf=True,
-    )
-    _fresh_clone_state(project)
-    return project
+    fresh clone: dvc.lock committed, no outputs, no cache; built once for all workers (copy it)."""
+
+    def build(folder: Path) -> str:
+        project = make_project(
+            folder / "project",
+            [f"model.source={tiny_model_dir}", "model.gguf_file=null", *TINY_OVERRIDES],
+            frozen_conf=True,
+        )
+        _fresh_clone_state(project)
+        return str(project)
+
+    return Path(built_once(shared_tmp, "fresh-clone", build))
+
+
+def fresh_clone_project(fresh_clone: Path, tmp_path: Path) -> Path:
+    """A private copy of `fresh_clone` (its git history included)."""
+    return shutil.copytree(fresh_clone, tmp_path / "project", symlinks=True)
 
 
 def _fresh_clone_state(project: Path) -> None:
@@ -110,8 +120,8 @@ def _fresh_clone_state(project: Path) -> None:
 
 
 @pytest.mark.pipeline
-def test_sweep_runs_the_grid_as_queued_experiments_under_one_parent_and_reproduces(tmp_path, tiny_model_dir):
-    project = fresh_clone_project(tmp_path, tiny_model_dir)
+def test_sweep_runs_the_grid_as_queued_experiments_under_one_parent_and_reproduces(tmp_path, fresh_clone):
+    project = fresh_clone_project(fresh_clone, tmp_path)
     result = run(["slmtune", "sweep", "-S", "method.r=2,4", "-S", "train.learning_rate=1e-3", "-j", "2"], project)
     assert result.stdout.count("Running stage 'prepare'") == result.stdout.count("Running stage 'tokenize'") == 1
 
@@ -168,8 +178,8 @@ def test_sweep_refuses_untracked_pipeline_files_before_queueing(tiny_project: Pa
 
 
 @pytest.mark.pipeline
-def test_sweep_with_a_failing_experiment_exits_1_and_a_busy_queue_is_refused(tmp_path, tiny_model_dir):
-    project = fresh_clone_project(tmp_path, tiny_model_dir)
+def test_sweep_with_a_failing_experiment_exits_1_and_a_busy_queue_is_refused(tmp_path, fresh_clone):
+    project = fresh_clone_project(fresh_clone, tmp_path)
     # every example is longer than 8 tokens: this experiment's tokenize stage fails
     failed = run(["slmtune", "sweep", "-S", "data.max_length=8"], project, check=False)
     assert failed.returncode == 1, failed.stdout + failed.stderr
@@ -198,8 +208,8 @@ def sweep_processes(project: Path) -> list[str]:
 
 
 @pytest.mark.pipeline
-def test_an_interrupted_sweep_stops_its_workers_and_a_rerun_finishes_only_what_did_not(tmp_path, tiny_model_dir):
-    project = fresh_clone_project(tmp_path, tiny_model_dir)
+def test_an_interrupted_sweep_stops_its_workers_and_a_rerun_finishes_only_what_did_not(tmp_path, fresh_clone):
+    project = fresh_clone_project(fresh_clone, tmp_path)
     # one quick experiment, one that is still training when the sweep is interrupted
     command = ["slmtune", "sweep", "-S", "train.max_steps=4,240", "-S", "train.eval_steps=1000", "-j", "1"]
     log = tmp_path / "sweep.log"
