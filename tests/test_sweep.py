@@ -68,6 +68,38 @@ def test_sweep_ranks_by_the_chosen_metric_in_its_direction():
     )
 
 
+def test_the_report_gives_swept_values_as_overrides_and_names_ties_on_the_metric():
+    # `dvc exp show` returns every number as a float (120000 -> 120000.0); the report must give back what `-S`
+    # takes (an int key rejects 1.2e+05), and say when the best experiment is tied on the ranking metric
+    rows = {
+        "exp-a": {"train.token_budget": 120000.0, "train.learning_rate": 3e-4, "validation.fact_accuracy": 0.7},
+        "exp-b": {"train.token_budget": 75000.0, "train.learning_rate": 1e-05, "validation.fact_accuracy": 0.7},
+        "exp-c": {"train.token_budget": 75000.0, "train.learning_rate": 2e-4, "validation.fact_accuracy": 0.5},
+    }
+    swept = ["train.token_budget", "train.learning_rate"]
+    states = dict.fromkeys(rows, "Success")
+    report = render_sweep_report(
+        SweepOutcome(rows, states, {}, swept, "validation.fact_accuracy", "max", "parent"), "sweep.png"
+    )
+    table = [line.split(" | ") for line in report.splitlines() if line.startswith("| ")][1:]
+    assert [cells[2:4] for cells in table] == [["120000", "0.0003"], ["75000", "1e-05"], ["75000", "0.0002"]]
+    assert "`exp-a`: `train.token_budget=120000`, `train.learning_rate=0.0003`" in report
+    assert "Tied on `validation.fact_accuracy` with `exp-b`" in report and "`exp-c`" not in report.split("Tied")[1]
+    untied = render_sweep_report(
+        SweepOutcome(
+            rows | {"exp-a": rows["exp-a"] | {"validation.fact_accuracy": 0.8}},
+            states,
+            {},
+            swept,
+            "validation.fact_accuracy",
+            "max",
+            "parent",
+        ),
+        "sweep.png",
+    )
+    assert "Tied" not in untied
+
+
 def test_experiments_are_read_under_their_baseline_and_a_swept_group_by_its_preset_name(monkeypatch):
     """HEAD may move while a sweep runs (a commit in the meantime): `dvc exp show` of HEAD would list none of them."""
     import dvc.api

@@ -48,6 +48,14 @@ def rank_experiments(rows: dict[str, dict[str, Any]], metric: str, order: str) -
     return sorted(rows, key=key)
 
 
+def param_text(value: Any) -> str:
+    """A swept parameter's value as an override would give it: `dvc exp show` reads every number as a float,
+    so 120000 comes back as 120000.0 (shown as `1.2e+05` by a metric's format, which an int key then rejects)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def render_sweep_report(sweep: SweepOutcome, plot_link: str) -> str:
     """`sweep.md`: params x metrics sorted by the chosen metric, the best configuration, failures, plot."""
     rows, swept, metric = sweep.rows, sweep.swept, sweep.metric
@@ -57,7 +65,11 @@ def render_sweep_report(sweep: SweepOutcome, plot_link: str) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if h == "rank" else "---" for h in header) + "|"]
     for rank, name in enumerate(ranked, start=1):
         row = rows[name]
-        values = [short_number(row.get(k)) for k in (*swept, *metrics)] + [str(row.get("verdict.result", "–"))]
+        values = (
+            [param_text(row.get(k)) for k in swept]
+            + [short_number(row.get(k)) for k in metrics]
+            + [str(row.get("verdict.result", "–"))]
+        )
         lines.append("| " + " | ".join([str(rank), f"`{name}`", *values, f"`{sweep.children.get(name, '')}`"]) + " |")
     failed = sorted(name for name, state in sweep.states.items() if state not in ("Success", "Killed"))
     killed = sorted(name for name, state in sweep.states.items() if state == "Killed")
@@ -70,10 +82,18 @@ def render_sweep_report(sweep: SweepOutcome, plot_link: str) -> str:
         "\n".join(lines) + "\n",
     ]
     if best:
-        settings = ", ".join(f"`{k}={short_number(rows[best].get(k))}`" for k in swept)
+        settings = ", ".join(f"`{k}={param_text(rows[best].get(k))}`" for k in swept)
+        tied = [name for name in ranked[1:] if rows[name].get(metric) == rows[best].get(metric)]
+        tie = (
+            f" Tied on `{metric}` with {', '.join(f'`{name}`' for name in tied)}: the ranking cannot tell them apart "
+            "(ties keep the order `dvc exp show` lists them in); choose by another column, or measure on a larger "
+            "validation split."
+            if tied
+            else ""
+        )
         parts.append(
-            f"## Best configuration\n\n`{best}`: {settings}, `{metric}` = {short_number(rows[best].get(metric))}.\n\n"
-            f"Bring it into the workspace with `dvc exp apply {best}` (its params, dvc.lock and outputs), "
+            f"## Best configuration\n\n`{best}`: {settings}, `{metric}` = {short_number(rows[best].get(metric))}."
+            f"{tie}\n\nBring it into the workspace with `dvc exp apply {best}` (its params, dvc.lock and outputs), "
             "then commit.\n"
         )
     if sweep.stopped:
