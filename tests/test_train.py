@@ -29,6 +29,7 @@ from conftest import (
     splits_for,
     stage_env,
 )
+from slmtune import selection
 from slmtune.config import Config, TrackingConfig, compose_params
 from slmtune.errors import ConfigError
 from slmtune.lineage import file_md5
@@ -211,14 +212,20 @@ def test_an_overfitting_run_publishes_its_best_validation_weights_not_the_last(
     assert loss == pytest.approx(curve[best_step], abs=1e-4) == metrics["val_loss"]
 
 
-def test_the_best_weights_so_far_travel_in_each_checkpoint_and_early_stopping_counts_on(tmp_path):
+@pytest.mark.parametrize("kept", ["in memory", "in a file"])
+def test_the_best_weights_so_far_travel_in_each_checkpoint_and_early_stopping_counts_on(tmp_path, monkeypatch, kept):
     """A run resumed from a checkpoint knows the best validation loss so far, its step, its weights and the
-    evaluations since: it stops and publishes as the uninterrupted run would."""
+    evaluations since: it stops and publishes as the uninterrupted run would. Large trained weights (full
+    fine-tuning) are kept in a file, not a second copy in memory, with the same result."""
+    if kept == "in a file":
+        monkeypatch.setattr(selection, "KEEP_IN_MEMORY_BYTES", 0)
     model = torch.nn.Linear(3, 2)
     args, state, control = SimpleNamespace(output_dir=str(tmp_path)), TrainerState(), TrainerControl()
     led = ValidationLed(model, select_best=True, patience=2)
     state.global_step = 4
     led.on_evaluate(args, state, control, metrics={"eval_loss": 1.0})
+    spill = tmp_path / selection.BEST_WEIGHTS
+    assert (led.weights is None and spill.is_file()) == (kept == "in a file")
     best = {name: p.detach().clone() for name, p in model.named_parameters()}
     with torch.no_grad():
         model.weight.add_(1.0)
@@ -226,15 +233,23 @@ def test_the_best_weights_so_far_travel_in_each_checkpoint_and_early_stopping_co
     led.on_evaluate(args, state, control, metrics={"eval_loss": 1.5})
     (tmp_path / "checkpoint-8").mkdir()
     led.on_save(args, state, control)
+    state.global_step = 9  # a newer best, kept after the checkpoint was written: the checkpoint keeps step 4's
+    led.on_evaluate(args, state, control, metrics={"eval_loss": 0.5})
+    led.on_train_end(args, state, control)
+    assert led.published_step(9) == 9 and not spill.exists()  # the file copy is scratch, gone at the end
+    with torch.no_grad():
+        model.weight.add_(1.0)
     resumed = ValidationLed(model, select_best=True, patience=2)
     resumed.restore(tmp_path / "checkpoint-8")
     assert (resumed.best_step, resumed.best_loss, resumed.since_best) == (4, 1.0, 1)
+    assert (resumed.weights is None) == (kept == "in a file")
     state.global_step = 12
     resumed.on_evaluate(args, state, control, metrics={"eval_loss": 1.2})
     assert control.should_training_stop and resumed.stopped_early  # the second evaluation in a row without a drop
     resumed.on_train_end(args, state, control)
     assert all(torch.equal(p, best[name]) for name, p in model.named_parameters())
-    assert resumed.published_step(12) == 4
+    assert resumed.published_step(12) == 4 and not spill.exists()
+    assert (tmp_path / "checkpoint-8" / selection.BEST_WEIGHTS).is_file()
 
 
 def test_packed_batches_score_each_example_as_if_it_were_alone(tiny_model_dir, tiny_tokenizer, records):

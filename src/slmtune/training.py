@@ -593,7 +593,7 @@ def validation_record(trainer: Trainer, led: ValidationLed | None, planned_epoch
     published = led.published_step(trainer.state.global_step)
     losses = dict(map(tuple, record["val_curve"]))
     record |= {
-        "selected": led.weights is not None,
+        "selected": led.has_best(),
         "stopped_early": led.stopped_early,
         "best_step": led.best_step,
         "best_loss": led.best_loss,
