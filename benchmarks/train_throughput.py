@@ -16,6 +16,7 @@ dropout, batch size and step count:
   every token trained, HF Trainer + peft LoRA on q_proj/v_proj, fp32;
 - trl: TRL `SFTTrainer` with its defaults (prompt-completion data, peft's default targets q_proj/v_proj; TRL turns on
   bf16 and gradient checkpointing; `use_cpu` set where there is no GPU, which its bf16 default requires);
+  trl-full: the same with no peft config, TRL's own default (full fine-tuning, the learning rate of `full`);
 - default: this project's train stage (`prepare_model` + `fit`) with the LoRA preset (method=lora, all
   projections; precision auto); default-fp32: the same in fp32 (the loss curves of the two are printed);
 - qv: the train stage with q_proj/v_proj only; full: the train stage with method=full.
@@ -42,12 +43,13 @@ LONG_MAX_LENGTH = 512
 VARIANTS = {
     "seeds": "seeds' script: pandas CSV, pad to 512, Trainer + peft q/v, fp32",
     "trl": "TRL SFTTrainer, its defaults (peft q/v)",
+    "trl-full": "TRL SFTTrainer, its defaults with no peft config (full fine-tuning)",
     "default": "train stage, LoRA preset (all projections), precision auto",
     "default-fp32": "train stage, LoRA preset, precision fp32",
     "qv": "train stage, q_proj/v_proj only",
     "full": "train stage, method=full",
 }
-PEERS = ("seeds", "trl")
+PEERS = ("seeds", "trl", "trl-full")
 
 
 def matmul_peak_gflops(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
@@ -131,7 +133,7 @@ def bench_config(variant: str, steps: int, batch_size: int, tokenized: str, max_
         config.method.target_modules = ["q_proj", "v_proj"]
     if variant == "default-fp32":
         train.precision = "fp32"
-    if variant == "full":
+    if variant in ("full", "trl-full"):
         config.method = compose_params(".", Path(tempfile.mkdtemp()) / "params.yaml", ["method=full"]).method
         train.learning_rate = 5e-5
     return config
@@ -226,7 +228,7 @@ def run_trl(config, tokenizer, data_dir: Path | None) -> dict:
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=lora_config(config),
+        peft_config=lora_config(config) if config.method.adapter == "lora" else None,
     )
     collator = trainer.data_collator
 
@@ -243,7 +245,8 @@ def run_trl(config, tokenizer, data_dir: Path | None) -> dict:
     return {
         "tokens": real["tokens"],
         "runtime_s": result.metrics["train_runtime"],
-        "params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+        "params": sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        or sum(p.numel() for p in model.parameters()),
         "precision": "bf16" if args.bf16 else "fp32",
         "losses": loss_curve(trainer.state.log_history),
     }
@@ -293,11 +296,11 @@ def worker(variant: str, steps: int, batch_size: int, data_dir: str | None, over
     if variant not in PEERS:
         apply_overrides(config, overrides)
     tokenizer = load_tokenizer(config.paths.base_model)
-    run = {"seeds": run_seeds, "trl": run_trl}.get(variant, run_ours)
+    run = {"seeds": run_seeds, "trl": run_trl, "trl-full": run_trl}.get(variant, run_ours)
     result = run(config, tokenizer, folder)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    result["flops_per_token"] = (6 if variant == "full" else 4) * result["params"]
+    result["flops_per_token"] = (6 if variant in ("full", "trl-full") else 4) * result["params"]
     return result
 
 
