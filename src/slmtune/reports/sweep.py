@@ -51,9 +51,9 @@ def rank_experiments(rows: dict[str, dict[str, Any]], metric: str, order: str) -
 def param_text(value: Any) -> str:
     """A swept parameter's value as an override would give it: `dvc exp show` reads every number as a float,
     so 120000 comes back as 120000.0 (shown as `1.2e+05` by a metric's format, which an int key then rejects)."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+    if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return repr(value) if isinstance(value, float) else str(value)
+    return str(value)
 
 
 def render_sweep_report(sweep: SweepOutcome, plot_link: str) -> str:
