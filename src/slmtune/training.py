@@ -4,6 +4,7 @@ adapters, or whole), the Trainer and its batches, the loop, and saving the resul
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import sys
@@ -516,6 +517,27 @@ def training_disk_need(config: Config, counts: dict[str, int]) -> int:
     return counts["trainable"] * (per_checkpoint * kept + 2 * 4) + DISK_MARGIN_BYTES
 
 
+MMAP_THRESHOLD_BYTES = 1 << 20
+"""Allocations at least this large get their own memory mapping, returned to the system when freed
+(`return_freed_memory`)."""
+
+
+def return_freed_memory() -> bool:
+    """Make glibc's malloc map every allocation of `MMAP_THRESHOLD_BYTES` or more on its own and unmap it when
+    freed. By default glibc raises that threshold (up to 32 MB) each time it frees a mapped block, so after the
+    first step the activations of a micro-batch (1-4 MB tensors) come from the heap, whose freed holes between
+    smaller blocks it keeps: the peak RSS grows above the memory in use. Measured on the long benchmark set
+    (fp32 full fine-tuning, one run each): peak 4006 -> 3779 MB, 164 -> 157 tokens/s. Returns whether it
+    applied (glibc on Linux; elsewhere nothing changes)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(-3, MMAP_THRESHOLD_BYTES))  # -3: M_MMAP_THRESHOLD (malloc.h); a fixed value stays fixed
+
+
 def fit(
     config: Config,
     model: Any,
@@ -531,6 +553,7 @@ def fit(
     the validation record (`validation_record`). With a validation split the model ends with the weights of
     its best evaluation when `train.select_best`."""
     set_seed(config.train.seed)
+    return_freed_memory()
     with tempfile.TemporaryDirectory(prefix="slmtune-trainer-") as scratch:
         packed = padding_free(config, model, splits)
         led = validation_led(config, model, "val" in splits)
