@@ -406,7 +406,7 @@ sys.exit(0 if heap_returns() else 3)
 def test_training_returns_freed_activation_memory_to_the_system():
     """fit sets glibc's malloc to map 1-4 MB blocks (a micro-batch's activations) on their own and unmap them when
     freed; by default glibc keeps them in its heap after the first step, and the peak RSS grows above the memory in
-    use (measured: 4006 -> 3779 MB on the long benchmark set). The probe first shows the default keeping them."""
+    use (measured: 4006 -> 3782 MB on the long benchmark set). The probe first shows the default keeping them."""
     codes = {}
     for mode in ("default", "fit"):
         proc = subprocess.run(["python", "-c", HEAP_PROBE, mode], capture_output=True, text=True, timeout=300)

@@ -527,7 +527,7 @@ def return_freed_memory() -> bool:
     freed. By default glibc raises that threshold (up to 32 MB) each time it frees a mapped block, so after the
     first step the activations of a micro-batch (1-4 MB tensors) come from the heap, whose freed holes between
     smaller blocks it keeps: the peak RSS grows above the memory in use. Measured on the long benchmark set
-    (fp32 full fine-tuning, one run each): peak 4006 -> 3779 MB, 164 -> 157 tokens/s. Returns whether it
+    (fp32 full fine-tuning, one run each): peak 4006 -> 3782 MB, 163.6 vs 162.9 tokens/s. Returns whether it
     applied (glibc on Linux; elsewhere nothing changes)."""
     if not sys.platform.startswith("linux"):
         return False
