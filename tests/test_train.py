@@ -380,10 +380,10 @@ def test_precision_auto_is_bf16_where_the_hardware_computes_it_and_bf16_trains_o
 
 
 HEAP_PROBE = """
-import gc, sys, torch
+import gc, resource, sys, torch
 from slmtune import training
 def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 def heap_returns():
     warm = torch.ones(600_000)
     del warm  # a freed mapped block: glibc's default now keeps blocks this size in its heap
