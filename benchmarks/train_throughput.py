@@ -1,8 +1,12 @@
 """Training throughput and memory on users' kind of data: peers vs this project's train stage, side by side.
 
     python benchmarks/train_throughput.py [--steps 6] [--batch-size 8] [--sets long,short] [--output FILE.json]
+                                          [--model base|llama-1b|llama-tiny] [--set train.KEY=VALUE ...]
 
-Needs `models/base` and `data/tokenized` (`dvc repro tokenize`). Two data sets, in one invocation:
+Needs `models/base` and `data/tokenized` (`dvc repro tokenize`). `--model llama-1b` trains, instead of the base
+model, a Llama with Llama-3.2-1B's shape (1.07 B parameters with the base model's 49k vocabulary) and random
+weights, built here from its config (for GPUs: throughput needs no trained weights); `llama-tiny` is the same
+path in seconds. Two data sets, in one invocation:
 
 - long: public-instruction-like data built here (`instruction_data.py`: 400 tasks, mean ~136 SmolLM2 tokens per
   example, longest ~475), prepared and tokenized by the project's own prepare/tokenize code with max_length 512;
@@ -50,14 +54,41 @@ VARIANTS = {
     "full": "train stage, method=full",
 }
 PEERS = ("seeds", "trl", "trl-full")
+MODELS = {
+    # Llama-3.2-1B's shape; the vocabulary is the base model's tokenizer's
+    "llama-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
+    },
+    "llama-tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
+    },
+}
 
 
-def matmul_peak_gflops(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
-    """Measured matmul throughput of this machine (GFLOP/s) in fp32 or bf16, the best of `repeats`."""
+def matmul_peak_gflops(dtype_name: str, repeats: int = 10) -> float:
+    """Measured matmul throughput of this machine (GFLOP/s) in fp32 or bf16, the best of `repeats` products of
+    2048 x 2048 matrices on a CPU (512 for bf16 on a CPU that emulates it: a minute per 2048 product), 8192 x 8192
+    on a GPU (smaller ones leave a GPU's units idle)."""
     import torch
+
+    from slmtune.training import bf16_native
 
     dtype = getattr(torch, dtype_name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = 8192 if device == "cuda" else 2048 if dtype_name == "float32" or bf16_native() else 512
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     torch.matmul(a, b)
     best = float("inf")
@@ -105,6 +136,30 @@ def build_long_set(folder: Path) -> dict:
     return {"examples": len(lengths), "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths)}
 
 
+def build_model(name: str, folder: Path) -> dict:
+    """A Llama of `MODELS[name]`'s shape with random weights (seed 0) and the base model's tokenizer, saved as
+    safetensors in `folder/model`, as a user's model folder would be."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slmtune.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer("models/base")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **MODELS[name],
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    return {"model": name, "parameters": sum(p.numel() for p in model.parameters())}
+
+
 def apply_overrides(config, overrides: list[str]) -> None:
     """`section.key=value` settings (YAML values) on top of params.yaml, e.g. train.max_batch_tokens=1024."""
     import yaml
@@ -119,7 +174,8 @@ def apply_overrides(config, overrides: list[str]) -> None:
 
 
 def bench_config(variant: str, steps: int, batch_size: int, tokenized: str, max_length: int):
-    """params.yaml with the benchmark's settings: fixed steps, no checkpoints, validation only after training."""
+    """params.yaml with the benchmark's settings: fixed steps, no checkpoints (and no validation:
+    `run_ours` trains on the training split alone)."""
     from slmtune.config import compose_params
 
     # the LoRA preset (the shipped default for the knowledge base is full fine-tuning: the `full` variant)
@@ -253,15 +309,17 @@ def run_trl(config, tokenizer, data_dir: Path | None) -> dict:
 
 
 def run_ours(config, tokenizer, data_dir: Path | None) -> dict:
-    """The train stage's own code path: `prepare_model` then `fit` (MLflow into a throwaway store)."""
+    """The train stage's own code path: `prepare_model` then `fit` (MLflow into a throwaway store), on the training
+    split alone: like the peers, no validation passes, whose tokens the train stage's collator would also count
+    (forward only, at a third of a training token's cost) and whose time its runtime would include."""
     import mlflow
-    from datasets import load_from_disk
+    from datasets import DatasetDict, load_from_disk
 
     from slmtune.modeling import parameter_counts
     from slmtune.telemetry import MemoryMonitor, StepLog
     from slmtune.training import fit, prepare_model, resolved_precision
 
-    splits = load_from_disk(config.paths.tokenized).select_columns(["input_ids", "labels"])
+    splits = DatasetDict(train=load_from_disk(config.paths.tokenized)["train"].select_columns(["input_ids", "labels"]))
     model = prepare_model(config, tokenizer, MemoryMonitor(False))
     mlflow.set_tracking_uri(f"sqlite:///{tempfile.mkdtemp()}/bench.db")
     step_log = StepLog()
@@ -279,7 +337,9 @@ def run_ours(config, tokenizer, data_dir: Path | None) -> dict:
     }
 
 
-def worker(variant: str, steps: int, batch_size: int, data_dir: str | None, overrides: list[str]) -> dict:
+def worker(
+    variant: str, steps: int, batch_size: int, data_dir: str | None, overrides: list[str], model_dir: str | None
+) -> dict:
     import resource
 
     import torch
@@ -293,6 +353,8 @@ def worker(variant: str, steps: int, batch_size: int, data_dir: str | None, over
         from slmtune.config import load_config
 
         config.data.max_length = load_config().data.max_length
+    if model_dir:
+        config.paths.base_model = model_dir
     if variant not in PEERS:
         apply_overrides(config, overrides)
     tokenizer = load_tokenizer(config.paths.base_model)
@@ -304,9 +366,10 @@ def worker(variant: str, steps: int, batch_size: int, data_dir: str | None, over
     return result
 
 
-def run_variant(variant: str, args, data_dir: Path | None) -> dict:
+def run_variant(variant: str, args, data_dir: Path | None, model_dir: Path | None) -> dict:
     command = [sys.executable, "-P", __file__, "--worker", variant, "--steps", str(args.steps)]
     command += ["--batch-size", str(args.batch_size)] + (["--data-dir", str(data_dir)] if data_dir else [])
+    command += ["--model-dir", str(model_dir)] if model_dir else []
     command += [f"--set={item}" for item in args.set]
     proc = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -342,16 +405,21 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override for the train stage's runs"
     )
+    parser.add_argument(
+        "--model", default="base", choices=["base", *MODELS], help="models/base, or a Llama built here (random)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = worker(args.worker, args.steps, args.batch_size, args.data_dir, args.set)
+        result = worker(args.worker, args.steps, args.batch_size, args.data_dir, args.set, args.model_dir)
         print("RESULT " + json.dumps(result), flush=True)
         return
-    for needed in ("models/base", "data/tokenized"):
-        if not Path(needed).exists():
-            sys.exit(f"error: {needed} not found; run `dvc repro tokenize` first.")
+    needed = ["models/base"] + (["data/tokenized"] if "short" in args.sets.split(",") else [])
+    for path in needed:
+        if not Path(path).exists():
+            sys.exit(f"error: {path} not found; run `dvc repro tokenize` first.")
     import torch
 
     from slmtune.training import bf16_native
@@ -365,7 +433,13 @@ def main() -> None:
         flush=True,
     )
     report = {"matmul_peak_gflops": peaks, "steps": args.steps, "batch_size": args.batch_size, "sets": {}}
+    report.update(device=device, overrides=args.set)
     with tempfile.TemporaryDirectory(prefix="slmtune-bench-") as scratch:
+        model_dir = None
+        if args.model != "base":
+            report["model"] = build_model(args.model, Path(scratch))
+            model_dir = Path(scratch) / "model"
+            print(f"model: {json.dumps(report['model'])}, random weights", flush=True)
         for name in args.sets.split(","):
             data_dir = Path(scratch) if name == "long" else None
             info = build_long_set(Path(scratch)) if name == "long" else {"tokenized": "data/tokenized"}
@@ -373,7 +447,7 @@ def main() -> None:
             results = {}
             for variant in args.variants.split(","):
                 started = time.perf_counter()
-                result = run_variant(variant, args, data_dir)
+                result = run_variant(variant, args, data_dir, model_dir)
                 result["tokens_per_second"] = result["tokens"] / result["runtime_s"]
                 result["wall_s"] = time.perf_counter() - started
                 results[variant] = result

@@ -429,6 +429,31 @@ def test_gradient_checkpointing_auto_turns_on_when_a_micro_batch_would_not_fit(t
     assert not use_gradient_checkpointing(config, model)
 
 
+def test_gradient_checkpointing_auto_on_a_gpu_follows_the_device_memory(tiny_model_dir, monkeypatch):
+    """On a GPU the budget is half the device's free memory after the model's training state, not the CPU's 2 GB:
+    a micro-batch the CPU budget would recompute keeps its activations on a large GPU, and recomputes on a full one."""
+    from slmtune import training
+    from slmtune.training import ACTIVATION_BUDGET_BYTES, activation_bytes
+
+    model = load_model(tiny_model_dir)
+    config = tiny_config(gradient_checkpointing="auto")
+    config.method.adapter = "none"
+    per_token = activation_bytes(model, 1, False, 0.0)
+    config.train.max_batch_tokens = config.data.max_length = 2 * ACTIVATION_BUDGET_BYTES // per_token
+    assert use_gradient_checkpointing(config, model)  # no GPU: over the CPU's budget
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = 12 * sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(training.torch.cuda, "is_available", lambda: True)
+    free = {"bytes": weights + state + 8 * ACTIVATION_BUDGET_BYTES}
+    monkeypatch.setattr(training.torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 2 * free["bytes"]))
+    assert training.activation_budget(model) == 4 * ACTIVATION_BUDGET_BYTES
+    assert not use_gradient_checkpointing(config, model)
+    free["bytes"] = weights + state + ACTIVATION_BUDGET_BYTES  # a small GPU: its half is below the micro-batch
+    assert use_gradient_checkpointing(config, model)
+    free["bytes"] = weights  # not even the optimizer states fit: every micro-batch recomputes
+    assert training.checkpoint_above(config, model) == 0
+
+
 def test_world_size_guard_refuses_ranks_that_would_each_train_alone(monkeypatch):
     from types import SimpleNamespace
 

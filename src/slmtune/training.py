@@ -158,7 +158,7 @@ def sequence_length(config: Config, splits: Any = None) -> int:
 
 def use_gradient_checkpointing(config: Config, model: Any, splits: Any = None) -> bool:
     """`true` / `false` as set; `auto`: set up when a micro-batch of `train.max_batch_tokens` tokens (or of the
-    longest batch the data allows) would keep more than `ACTIVATION_BUDGET_BYTES` of activations; then only the
+    longest batch the data allows) would keep more than `activation_budget` bytes of activations; then only the
     micro-batches that would (`checkpoint_above`) recompute their layers."""
     setting = str(config.train.gradient_checkpointing).lower()
     if setting != "auto":
@@ -171,14 +171,30 @@ def use_gradient_checkpointing(config: Config, model: Any, splits: Any = None) -
     return tokens > checkpoint_above(config, model)
 
 
+def activation_budget(model: Any) -> int:
+    """Bytes of activations one micro-batch may keep before `train.gradient_checkpointing=auto` recomputes it. On a
+    CPU, `ACTIVATION_BUDGET_BYTES` (host memory is shared with everything else on a user's machine). On a GPU, half
+    of what the device has free once the model's training state is counted: its weights where they are not on the
+    device yet (they are moved there when training starts), and for each trainable parameter its gradient and
+    AdamW's two moments (12 bytes in fp32). A 1B model on an 80-140 GB GPU then trains without recomputation; on a
+    small GPU the budget shrinks to zero and every micro-batch recomputes."""
+    if not torch.cuda.is_available():
+        return ACTIVATION_BUDGET_BYTES
+    free, _ = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", 0)))
+    params = list(model.parameters())
+    to_move = sum(p.numel() * p.element_size() for p in params if p.device.type != "cuda")
+    state = 12 * sum(p.numel() for p in params if p.requires_grad)
+    return max((free - to_move - state) // 2, 0)
+
+
 def checkpoint_above(config: Config, model: Any) -> int:
     """The most token positions a micro-batch may hold and still keep its activations (`activation_bytes`) within
-    `ACTIVATION_BUDGET_BYTES`: above it, `train.gradient_checkpointing=auto` recomputes the micro-batch's layers in
+    `activation_budget`: above it, `train.gradient_checkpointing=auto` recomputes the micro-batch's layers in
     the backward pass. Recomputing gives the same gradients, bit for bit, so which batches do changes only time and
     memory; a few long examples no longer slow every batch by the recomputation (about a quarter of a step)."""
     dropout = config.method.dropout if config.method.adapter == "lora" else 0.0
     per_token = activation_bytes(model, 1, use_bf16(config.train), dropout)
-    return ACTIVATION_BUDGET_BYTES // per_token if per_token else sys.maxsize
+    return activation_budget(model) // per_token if per_token else sys.maxsize
 
 
 def training_arguments(
