@@ -321,10 +321,13 @@ def run_ours(config, tokenizer, data_dir: Path | None) -> dict:
 
     splits = DatasetDict(train=load_from_disk(config.paths.tokenized)["train"].select_columns(["input_ids", "labels"]))
     model = prepare_model(config, tokenizer, MemoryMonitor(False))
+    moment("model prepared")
     mlflow.set_tracking_uri(f"sqlite:///{tempfile.mkdtemp()}/bench.db")
     step_log = StepLog()
     with mlflow.start_run():
+        moment("MLflow run started")
         metrics, _, _ = fit(config, model, tokenizer, splits, step_log)
+    moment("trained")
     counts = parameter_counts(model)
     return {
         "tokens": round(metrics["tokens_per_second"] * metrics["train_runtime_s"]),
@@ -335,6 +338,14 @@ def run_ours(config, tokenizer, data_dir: Path | None) -> dict:
         "padding_free": bool(metrics["padding_free"]),
         "gradient_checkpointing": bool(metrics["gradient_checkpointing"]),
     }
+
+
+STARTED = time.perf_counter()
+
+
+def moment(what: str) -> None:
+    """A worker's progress on stderr (seconds since it started): where a slow or stopped variant spent its time."""
+    print(f"[{time.perf_counter() - STARTED:.1f} s] {what}", file=sys.stderr, flush=True)
 
 
 def worker(
@@ -358,6 +369,7 @@ def worker(
     if variant not in PEERS:
         apply_overrides(config, overrides)
     tokenizer = load_tokenizer(config.paths.base_model)
+    moment("configured")
     run = {"seeds": run_seeds, "trl": run_trl, "trl-full": run_trl}.get(variant, run_ours)
     result = run(config, tokenizer, folder)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -366,12 +378,23 @@ def worker(
     return result
 
 
-def run_variant(variant: str, args, data_dir: Path | None, model_dir: Path | None) -> dict:
+def run_variant(variant: str, args, data_dir: Path | None, model_dir: Path | None) -> dict | None:
+    """One variant in its own process; None when it ran past `--variant-timeout` (its last output is printed,
+    with the moments the worker reached, and the next variant runs)."""
     command = [sys.executable, "-P", __file__, "--worker", variant, "--steps", str(args.steps)]
     command += ["--batch-size", str(args.batch_size)] + (["--data-dir", str(data_dir)] if data_dir else [])
     command += ["--model-dir", str(model_dir)] if model_dir else []
     command += [f"--set={item}" for item in args.set]
-    proc = subprocess.run(command, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=args.variant_timeout)
+    except subprocess.TimeoutExpired as exc:
+        stdout, stderr = (part.decode() if isinstance(part, bytes) else part or "" for part in (exc.stdout, exc.stderr))
+        done = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        print(f"  {variant}: still running after {args.variant_timeout} s, stopped; its last output:\n{stderr[-3000:]}")
+        if done:  # it had finished measuring and hung on its way out
+            print(f"  {variant}: its figures were complete before it was stopped; they are kept")
+            return json.loads(done[-1][len("RESULT ") :])
+        return None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"error: variant {variant} failed:\n{proc.stderr[-3000:]}")
@@ -380,16 +403,16 @@ def run_variant(variant: str, args, data_dir: Path | None, model_dir: Path | Non
 
 def table(results: dict, peaks: dict) -> list[str]:
     peers = [p for p in PEERS if p in results]
-    head = "| variant | what | real tokens/s | " + " | ".join(f"vs {p}" for p in peers)
-    lines = [head + " | peak RSS MB | peak CUDA MB | precision | share of matmul peak |"]
+    head = "| variant | what | real tokens/s | " + "".join(f"vs {p} | " for p in peers)
+    lines = [head + "peak RSS MB | peak CUDA MB | precision | share of matmul peak |"]
     lines.append("|---|---|---:|" + "---:|" * len(peers) + "---:|---:|---|---:|")
     for variant, r in results.items():
-        ratios = " | ".join(f"{r['tokens_per_second'] / results[p]['tokens_per_second']:.2f}x" for p in peers)
+        ratios = "".join(f"{r['tokens_per_second'] / results[p]['tokens_per_second']:.2f}x | " for p in peers)
         cuda = f"{r['peak_cuda_mb']:.0f}" if r["peak_cuda_mb"] is not None else "-"
         share = r["flops_per_token"] * r["tokens_per_second"] / (peaks[r["precision"]] * 1e9)
         r["matmul_peak_share"] = share
         lines.append(
-            f"| {variant} | {VARIANTS[variant]} | {r['tokens_per_second']:.1f} | {ratios} | {r['peak_rss_mb']:.0f} | "
+            f"| {variant} | {VARIANTS[variant]} | {r['tokens_per_second']:.1f} | {ratios}{r['peak_rss_mb']:.0f} | "
             f"{cuda} | {r['precision']} | {100 * share:.1f}% |"
         )
     return lines
@@ -407,6 +430,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--model", default="base", choices=["base", *MODELS], help="models/base, or a Llama built here (random)"
+    )
+    parser.add_argument(
+        "--variant-timeout", type=float, help="seconds a variant may run before it is stopped and reported as such"
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
@@ -448,6 +474,8 @@ def main() -> None:
             for variant in args.variants.split(","):
                 started = time.perf_counter()
                 result = run_variant(variant, args, data_dir, model_dir)
+                if result is None:
+                    continue
                 result["tokens_per_second"] = result["tokens"] / result["runtime_s"]
                 result["wall_s"] = time.perf_counter() - started
                 results[variant] = result

@@ -166,3 +166,27 @@ def test_resuming_a_run_the_store_does_not_have_is_one_line_naming_the_store(tra
         present = run.info.run_id
     with mlflow_run(tracking, run_id=present) as again:
         assert again.info.run_id == present
+
+
+CI_VARIABLES = {"PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI", "JENKINS_URL", "TRAVIS"}
+CI_VARIABLES |= {"TF_BUILD", "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE", "TEAMCITY_VERSION"}
+CI_VARIABLES |= {"CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME", "RUNBOT_WORKER_ID"}
+
+
+@pytest.mark.parametrize("opt_in", [False, True])
+def test_mlflow_sends_no_telemetry_unless_the_user_turns_it_on(opt_in):
+    """MLflow 3 starts a telemetry client (it fetches config.mlflow-telemetry.io and posts usage records) in every
+    process that imports it, off only where it sees a CI variable: so the check runs without them, as on a user's
+    machine. Importing slmtune first turns it off; MLFLOW_DISABLE_TELEMETRY=false is the user's way back."""
+    env = {key: value for key, value in os.environ.items() if key not in CI_VARIABLES}
+    env.pop("MLFLOW_DISABLE_TELEMETRY", None)
+    env.pop("DO_NOT_TRACK", None)
+    if opt_in:
+        env["MLFLOW_DISABLE_TELEMETRY"] = "false"
+    code = (
+        "import slmtune, mlflow; from mlflow.telemetry.client import get_telemetry_client;"
+        "print('client' if get_telemetry_client() is not None else 'none')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == ("client" if opt_in else "none")
