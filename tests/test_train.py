@@ -189,6 +189,31 @@ def test_epochs_set_the_length_when_max_steps_is_unset(tiny_model_dir, tiny_toke
     assert metrics["steps"] == 2 * 16 / (4 * 2)  # two passes over 16 examples, 8 per optimizer step
 
 
+def test_throughput_counts_the_trained_tokens_over_the_training_time_not_validation(
+    tiny_model_dir, tiny_tokenizer, records, tmp_path
+):
+    """Validation batches go through the same collator and their passes run inside the Trainer's runtime: neither
+    their tokens nor their time may count as training (they used to, and inflated tokens/s where validation is
+    large against the steps, e.g. the benchmark's long set: 17,539 counted tokens for ~6,800 trained)."""
+    from slmtune.training import make_collator
+
+    config = tiny_config(max_steps=-1, epochs=2, batch_size=4, eval_steps=2)
+    splits = splits_for(records, tiny_tokenizer, n_val=8)
+    trained = 2 * sum(map(len, splits["train"]["input_ids"]))  # two epochs
+    collator = make_collator(config, tiny_tokenizer, packed=False)
+    trainer = build_trainer(
+        config, load_model(tiny_model_dir), tiny_tokenizer, splits, str(tmp_path / "t"), [], collator
+    )
+    trainer.train()
+    evaluations = [row for row in trainer.state.log_history if "eval_loss" in row]
+    assert len(evaluations) == 5  # step 0 and every 2 of 8 steps: five passes over the validation split
+    assert collator.tokens == trained and trainer.eval_seconds > 0
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log_system_metrics=False)
+    with mlflow_run(tracking):
+        metrics, _, _ = fit(config, load_model(tiny_model_dir), tiny_tokenizer, splits, StepLog())
+    assert metrics["tokens_per_second"] > trained / metrics["train_runtime_s"]  # the validation time left out
+
+
 def test_an_overfitting_run_publishes_its_best_validation_weights_not_the_last(
     tiny_model_dir, tiny_tokenizer, records, tmp_path
 ):

@@ -18,14 +18,17 @@ from .progress import bar
 
 
 class TokenCounter:
-    """A collator that also counts the real (non-pad) tokens it hands to the model."""
+    """A collator that also counts the real (non-pad) tokens it hands to the model while `counting` (the Trainer
+    collates validation batches with the same collator: the trainer turns counting off for those)."""
 
     def __init__(self, collator: Any) -> None:
         self.collator = collator
         self.tokens = 0
+        self.counting = True
 
     def __call__(self, features: list[dict[str, Any]]) -> Any:
-        self.tokens += sum(len(f["input_ids"]) for f in features)
+        if self.counting:
+            self.tokens += sum(len(f["input_ids"]) for f in features)
         return self.collator(features)
 
 

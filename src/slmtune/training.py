@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -398,6 +399,8 @@ class SlmTrainer(Trainer):
         their layers (None: every one does)."""
         self.micro_batches = self.checkpointed = 0
         self._checkpointed_layers: list[Any] | None = None
+        self.eval_seconds = 0.0
+        """Time spent in validation passes during `train()` (its runtime includes them)."""
         if self.lean:
             # the Trainer then counts the trained tokens of each accumulated batch (labels shifted, as causal LM
             # losses are) and hands the count to compute_loss, whose loss is then already scaled for accumulation
@@ -408,6 +411,19 @@ class SlmTrainer(Trainer):
         super().create_accelerator_and_postprocess()
         if shard_cpu_processes(self.accelerator):
             self.is_fsdp_enabled = True
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """A validation pass, timed, its tokens not counted as trained ones."""
+        counter = self.data_collator if isinstance(self.data_collator, TokenCounter) else None
+        if counter:
+            counter.counting = False
+        started = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.eval_seconds += time.perf_counter() - started
+            if counter:
+                counter.counting = True
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         sampler = super()._get_train_sampler(train_dataset)
@@ -606,7 +622,8 @@ def fit(
             "steps": float(result.global_step),
             "epochs": float(trainer.state.epoch or 0.0),
             "train_runtime_s": runtime,
-            "tokens_per_second": collator.tokens / runtime if runtime else 0.0,
+            # trained tokens over the time spent training (the runtime less its validation passes)
+            "tokens_per_second": collator.tokens / max(runtime - trainer.eval_seconds, 1e-9) if runtime else 0.0,
         }
         if "published_loss" in validation:
             metrics["val_loss"] = validation["published_loss"]
