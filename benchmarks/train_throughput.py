@@ -310,8 +310,8 @@ def run_trl(config, tokenizer, data_dir: Path | None) -> dict:
 
 def run_ours(config, tokenizer, data_dir: Path | None) -> dict:
     """The train stage's own code path: `prepare_model` then `fit` (MLflow into a throwaway store), on the training
-    split alone: like the peers, no validation passes, whose tokens the train stage's collator would also count
-    (forward only, at a third of a training token's cost) and whose time its runtime would include."""
+    split alone: like the peers, no validation passes (`fit`'s tokens/s leaves them out, but `tokens` below is
+    tokens/s x the whole runtime, which would include them)."""
     import mlflow
     from datasets import DatasetDict, load_from_disk
 
@@ -378,6 +378,12 @@ def worker(
     return result
 
 
+def last_result(stdout: str) -> dict | None:
+    """The figures a worker printed (its last `RESULT {...}` line), or None."""
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT ") :]) if lines else None
+
+
 def run_variant(variant: str, args, data_dir: Path | None, model_dir: Path | None) -> dict | None:
     """One variant in its own process; None when it ran past `--variant-timeout` (its last output is printed,
     with the moments the worker reached, and the next variant runs)."""
@@ -389,16 +395,15 @@ def run_variant(variant: str, args, data_dir: Path | None, model_dir: Path | Non
         proc = subprocess.run(command, capture_output=True, text=True, timeout=args.variant_timeout)
     except subprocess.TimeoutExpired as exc:
         stdout, stderr = (part.decode() if isinstance(part, bytes) else part or "" for part in (exc.stdout, exc.stderr))
-        done = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        done = last_result(stdout)
         print(f"  {variant}: still running after {args.variant_timeout} s, stopped; its last output:\n{stderr[-3000:]}")
         if done:  # it had finished measuring and hung on its way out
             print(f"  {variant}: its figures were complete before it was stopped; they are kept")
-            return json.loads(done[-1][len("RESULT ") :])
-        return None
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
+        return done
+    result = last_result(proc.stdout)
+    if proc.returncode != 0 or result is None:
         sys.exit(f"error: variant {variant} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return result
 
 
 def table(results: dict, peaks: dict) -> list[str]:
