@@ -349,11 +349,21 @@ def moment(what: str) -> None:
 
 
 def worker(
-    variant: str, steps: int, batch_size: int, data_dir: str | None, overrides: list[str], model_dir: str | None
+    variant: str,
+    steps: int,
+    batch_size: int,
+    data_dir: str | None,
+    overrides: list[str],
+    model_dir: str | None,
+    stacks_every: float | None = None,
 ) -> dict:
+    import faulthandler
     import resource
 
     import torch
+
+    if stacks_every:  # where a slow or stalled variant is: every thread's stack on stderr, every `stacks_every` s
+        faulthandler.dump_traceback_later(stacks_every, repeat=True, file=sys.stderr)
 
     from slmtune.modeling import load_tokenizer
 
@@ -384,26 +394,38 @@ def last_result(stdout: str) -> dict | None:
     return json.loads(lines[-1][len("RESULT ") :]) if lines else None
 
 
-def run_variant(variant: str, args, data_dir: Path | None, model_dir: Path | None) -> dict | None:
+def run_variant(variant: str, args, data_dir: Path | None, model_dir: Path | None, set_name: str = "") -> dict | None:
     """One variant in its own process; None when it ran past `--variant-timeout` (its last output is printed,
     with the moments the worker reached, and the next variant runs)."""
     command = [sys.executable, "-P", __file__, "--worker", variant, "--steps", str(args.steps)]
     command += ["--batch-size", str(args.batch_size)] + (["--data-dir", str(data_dir)] if data_dir else [])
     command += ["--model-dir", str(model_dir)] if model_dir else []
     command += [f"--set={item}" for item in args.set]
+    command += ["--stacks-every", str(args.stacks_every)] if args.stacks_every else []
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=args.variant_timeout)
     except subprocess.TimeoutExpired as exc:
         stdout, stderr = (part.decode() if isinstance(part, bytes) else part or "" for part in (exc.stdout, exc.stderr))
+        save_log(args, set_name, variant, stdout, stderr)
         done = last_result(stdout)
-        print(f"  {variant}: still running after {args.variant_timeout} s, stopped; its last output:\n{stderr[-3000:]}")
+        print(
+            f"  {variant}: still running after {args.variant_timeout} s, stopped; its last output:\n{stderr[-20000:]}"
+        )
         if done:  # it had finished measuring and hung on its way out
             print(f"  {variant}: its figures were complete before it was stopped; they are kept")
         return done
+    save_log(args, set_name, variant, proc.stdout, proc.stderr)
     result = last_result(proc.stdout)
     if proc.returncode != 0 or result is None:
         sys.exit(f"error: variant {variant} failed:\n{proc.stderr[-3000:]}")
     return result
+
+
+def save_log(args, set_name: str, variant: str, stdout: str, stderr: str) -> None:
+    """A worker's whole output in `--logs` (its progress lines, and its stacks with `--stacks-every`)."""
+    if args.logs:
+        Path(args.logs).mkdir(parents=True, exist_ok=True)
+        (Path(args.logs) / f"{set_name}-{variant}.log").write_text(stdout + "\n--- stderr ---\n" + stderr)
 
 
 def table(results: dict, peaks: dict) -> list[str]:
@@ -439,12 +461,18 @@ def main() -> None:
     parser.add_argument(
         "--variant-timeout", type=float, help="seconds a variant may run before it is stopped and reported as such"
     )
+    parser.add_argument(
+        "--stacks-every", type=float, help="print each worker's thread stacks on stderr every this many seconds"
+    )
+    parser.add_argument("--logs", help="write each worker's whole output into this folder")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = worker(args.worker, args.steps, args.batch_size, args.data_dir, args.set, args.model_dir)
+        result = worker(
+            args.worker, args.steps, args.batch_size, args.data_dir, args.set, args.model_dir, args.stacks_every
+        )
         print("RESULT " + json.dumps(result), flush=True)
         return
     needed = ["models/base"] + (["data/tokenized"] if "short" in args.sets.split(",") else [])
@@ -478,7 +506,7 @@ def main() -> None:
             results = {}
             for variant in args.variants.split(","):
                 started = time.perf_counter()
-                result = run_variant(variant, args, data_dir, model_dir)
+                result = run_variant(variant, args, data_dir, model_dir, name)
                 if result is None:
                     continue
                 result["tokens_per_second"] = result["tokens"] / result["runtime_s"]
