@@ -8,6 +8,7 @@ Registered with transformers' AttentionInterface; anything that is not a padding
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -26,6 +27,22 @@ def segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [len(position_ids)]))
 
 
+_last_row: tuple[Any, int, list[tuple[int, int]]] = (None, -1, [])
+
+
+def row_segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """`segments` of a row's position ids, computed once per forward pass: every layer is handed the same tensor,
+    and reading it to the host (`tolist`) waits for the device, so on a GPU a read per layer made the CPU stop
+    queueing work at every layer (measured on an H200, 1B Llama: 1.0k vs 2.6k tokens/s for TRL)."""
+    global _last_row
+    ref, version, bounds = _last_row
+    if ref is not None and ref() is position_ids and version == position_ids._version:
+        return bounds
+    bounds = segments(position_ids[0])
+    _last_row = (weakref.ref(position_ids), position_ids._version, bounds)
+    return bounds
+
+
 def padding_free_attention(
     module: Any,
     query: torch.Tensor,
@@ -42,7 +59,7 @@ def padding_free_attention(
         and query.shape[2] == key.shape[2]
         and kwargs.get("position_bias") is None
     )
-    bounds = segments(position_ids[0]) if packed else []
+    bounds = row_segments(position_ids) if packed else []
     if len(bounds) < 2:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     outputs = [
