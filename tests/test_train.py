@@ -479,6 +479,63 @@ def test_gradient_checkpointing_auto_on_a_gpu_follows_the_device_memory(tiny_mod
     assert training.checkpoint_above(config, model) == 0
 
 
+def test_a_padding_free_rows_example_bounds_are_read_once_per_forward_not_once_per_layer(
+    tiny_model_dir, tiny_tokenizer, records
+):
+    """The per-example attention needs the row's example bounds on the host; reading them (`nonzero`) waits for a
+    GPU, so it happens once per forward pass, whatever the number of layers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.count += func is torch.ops.aten.nonzero.default
+            return func(*args, **(kwargs or {}))
+
+    config = tiny_config()
+    config.paths.base_model = str(tiny_model_dir)
+    model = prepare_model(config, tiny_tokenizer, MemoryMonitor(False))
+    assert padding_free(config, model)
+    rows = [dict(r) for r in splits_for(records, tiny_tokenizer, n_train=4, n_val=0)["train"]]
+    batch = make_collator(config, tiny_tokenizer)(rows)
+    for _ in range(2):  # a new batch tensor each time: its bounds are read again
+        with Reads():
+            model(**{k: v.clone() for k, v in batch.items() if k != "labels"}, use_cache=False)
+    restore_attention(model)
+    assert model.config.num_hidden_layers == 2 and Reads.count == 2
+
+
+def test_on_a_gpu_a_batch_its_memory_holds_runs_as_one_pass_and_padded_without_a_varlen_kernel(
+    tiny_model_dir, tiny_tokenizer, monkeypatch, capsys
+):
+    """On a CPU a batch runs as passes of `train.max_batch_tokens` positions and padding-free through the per-example
+    attention. On a GPU a pass may hold what half its free memory holds (never fewer than the setting), and without
+    a varlen kernel (flash-attn) batches are padded: both cost a GPU kernel launches, not memory."""
+    from slmtune import training
+
+    config = tiny_config(gradient_checkpointing="auto")
+    config.paths.base_model = str(tiny_model_dir)
+    model = prepare_model(config, tiny_tokenizer, MemoryMonitor(False))
+    assert training.micro_batch_tokens(config, model) == config.train.max_batch_tokens == 512
+    monkeypatch.setattr(training.torch.cuda, "is_available", lambda: True)
+    free = {"bytes": 8 * training.ACTIVATION_BUDGET_BYTES}
+    monkeypatch.setattr(training.torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 2 * free["bytes"]))
+    holds = training.checkpoint_above(config, model)
+    assert holds > 100_000 and training.micro_batch_tokens(config, model) == holds
+    assert not use_gradient_checkpointing(config, model)
+    free["bytes"] = 0  # a full GPU: the setting still bounds the passes, and every pass recomputes
+    assert training.micro_batch_tokens(config, model) == 512 and use_gradient_checkpointing(config, model)
+    config.train.max_batch_tokens = 0
+    assert training.micro_batch_tokens(config, model) == 0  # no bound stays no bound
+    assert not padding_free(config, model)
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+    assert "batches are padded" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert padding_free(config, model)
+    restore_attention(model)
+
+
 def test_world_size_guard_refuses_ranks_that_would_each_train_alone(monkeypatch):
     from types import SimpleNamespace
 

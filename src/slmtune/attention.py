@@ -1,8 +1,9 @@
 """Padding-free attention without a varlen kernel: a padding-free row holds several examples back to back (position
 ids restart at 0 for each). transformers keeps them apart with a block-diagonal mask, so SDPA computes the whole
 row x row score matrix, quadratic in the row's length, although each example only attends to itself. On GPUs
-flash-attention's varlen kernel does the per-example work; where it is absent (CPUs), this attention runs SDPA
-once per example of the row, causal and without a mask, so its cost is the sum of the examples' own squares.
+flash-attention's varlen kernel does the per-example work (without it, training pads batches on a GPU: see
+`training.padding_free`); on CPUs this attention runs SDPA once per example of the row, causal and without a mask,
+so its cost is the sum of the examples' own squares.
 Registered with transformers' AttentionInterface; anything that is not a padding-free row goes to plain SDPA.
 """
 
@@ -32,8 +33,7 @@ _last_row: tuple[Any, int, list[tuple[int, int]]] = (None, -1, [])
 
 def row_segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
     """`segments` of a row's position ids, computed once per forward pass: every layer is handed the same tensor,
-    and reading it to the host (`tolist`) waits for the device, so on a GPU a read per layer made the CPU stop
-    queueing work at every layer (measured on an H200, 1B Llama: 1.0k vs 2.6k tokens/s for TRL)."""
+    and reading it to the host waits for the device (on a GPU, a host sync per layer otherwise)."""
     global _last_row
     ref, version, bounds = _last_row
     if ref is not None and ref() is position_ids and version == position_ids._version:
