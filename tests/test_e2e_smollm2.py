@@ -97,27 +97,32 @@ def test_smollm2_methods_and_data_formats_lower_test_loss(smollm2_base, tmp_path
 
 
 def test_smollm2_killed_one_step_past_the_first_epoch_resumes_to_the_same_adapter_bytes(smollm2_base, tmp_path: Path):
-    """company_kb without augmentation: 87 training examples in batches of 8, 11 steps an epoch; SIGKILL once
-    checkpoint-12 exists."""
+    """company_kb without augmentation and a seeded half of its training rows: 44 examples in batches of 8, 6 steps
+    an epoch; SIGKILL once checkpoint-7 exists, a validation pass after the resume (step 8)."""
     from test_train import kill_at_checkpoint, losses
 
-    settings = ["train.max_steps=16", "train.save_steps=6", "train.eval_steps=12", "augment.generator=none"]
+    settings = ["train.max_steps=9", "train.save_steps=7", "train.eval_steps=8", "augment.generator=none"]
+    settings.append("+data.sources.company_kb.weight=0.5")
     whole = copy_project(smollm2_base, tmp_path / "whole")
     killed = copy_project(smollm2_base, tmp_path / "killed")
     for project in (whole, killed):
         run(["slmtune", "params", *SMALL_RUN, *settings], project)
     run(["dvc", "repro", "train"], whole)
-    kill_at_checkpoint(killed, 12)
-    assert "checkpoint-12 (MLflow run" in run(["dvc", "repro", "train"], killed).stdout
-    assert losses(killed) == losses(whole) and len(losses(whole)) == 16  # 5 steps into the second epoch
+    train_rows = (whole / "data/prepared/train.jsonl").read_text().count("\n")
+    assert train_rows == 44, train_rows  # an epoch of 6 steps: the kill is one step into the second
+    kill_at_checkpoint(killed, 7)
+    assert "checkpoint-7 (MLflow run" in run(["dvc", "repro", "train"], killed).stdout
+    assert losses(killed) == losses(whole) and len(losses(whole)) == 9
     adapter = "models/adapter/adapter_model.safetensors"
     assert (killed / adapter).read_bytes() == (whole / adapter).read_bytes()
 
 
-def test_smollm2_two_by_two_sweep_from_a_fresh_clone(tmp_path: Path):
+def test_smollm2_sweep_from_a_fresh_clone(tmp_path: Path):
+    """Two ranks in two parallel queue workers on the real model (the grid's expansion over several keys is
+    `test_sweep`'s, on the tiny model)."""
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(REPO), str(clone)], tmp_path)
-    grid = ["-S", "method=lora", "-S", "method.r=4,8", "-S", "train.learning_rate=3e-4,1e-3"]
+    grid = ["-S", "method=lora", "-S", "method.r=4,8", "-S", "train.learning_rate=1e-3"]
     small = ["-S", "train.max_steps=8", "-S", "train.eval_steps=4", "-S", SHORT_ANSWERS, "-S", NO_PARITY]
     result = run(["slmtune", "sweep", *grid, *small, "-j", "2"], clone)
     for stage in ("base", "prepare", "tokenize"):
@@ -127,11 +132,12 @@ def test_smollm2_two_by_two_sweep_from_a_fresh_clone(tmp_path: Path):
     runs = mlflow.search_runs(experiment_names=["slmtune"], output_format="list")
     (parent,) = [r for r in runs if r.data.tags.get("slmtune.sweep") == "parent"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
     for child in children:  # only the experiment's own params; not the clone's outputs that DVC replaced mid-run
         assert set(child.data.tags["slmtune.git_dirty_files"].split()) <= {"params.yaml"}, child.data.tags
     assert {(c.data.params["method.r"], c.data.params["train.learning_rate"]) for c in children} == {
-        (r, lr) for r in ("4", "8") for lr in ("0.0003", "0.001")
+        ("4", "0.001"),
+        ("8", "0.001"),
     }
     table = run(["dvc", "exp", "show", "--csv", "--no-pager"], clone).stdout
     report = (clone / "reports/sweep.md").read_text()
