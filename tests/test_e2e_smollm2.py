@@ -12,7 +12,8 @@ from slmtune.tracking import EXP_NAME_TAG
 pytestmark = pytest.mark.e2e
 # LoRA unless a test says otherwise: merge, export, resume bytes and sweeps of the rank are about adapters (the
 # shipped default, full fine-tuning, is the qlora/full test's and `make repro`'s).
-SMALL_RUN = ["method=lora", "train.max_steps=8", "train.eval_steps=4", "eval.max_new_tokens=24"]
+# 8 steps of 4 examples: enough to lower the real model's test loss, and half the tokens of the default batch (CI time)
+SMALL_RUN = ["method=lora", "train.max_steps=8", "train.batch_size=4", "train.eval_steps=4", "eval.max_new_tokens=24"]
 # Merge parity on the real model is the default test's (and `slmtune merge`'s); the others check what they vary.
 NO_PARITY = "eval.merge_parity=false"
 # Runs that check losses and lineage, not answers, generate short ones (the default test and the chat read answers).
@@ -101,7 +102,8 @@ def test_smollm2_killed_one_step_past_the_first_epoch_resumes_to_the_same_adapte
     an epoch; SIGKILL once checkpoint-7 exists, a validation pass after the resume (step 8)."""
     from test_train import kill_at_checkpoint, losses
 
-    settings = ["train.max_steps=9", "train.save_steps=7", "train.eval_steps=8", "augment.generator=none"]
+    settings = ["train.max_steps=9", "train.batch_size=8", "train.save_steps=7", "train.eval_steps=8"]
+    settings.append("augment.generator=none")
     settings.append("+data.sources.company_kb.weight=0.5")
     whole = copy_project(smollm2_base, tmp_path / "whole")
     killed = copy_project(smollm2_base, tmp_path / "killed")
@@ -123,7 +125,8 @@ def test_smollm2_sweep_from_a_fresh_clone(tmp_path: Path):
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(REPO), str(clone)], tmp_path)
     grid = ["-S", "method=lora", "-S", "method.r=4,8", "-S", "train.learning_rate=1e-3"]
-    small = ["-S", "train.max_steps=8", "-S", "train.eval_steps=4", "-S", SHORT_ANSWERS, "-S", NO_PARITY]
+    small = ["-S", "train.max_steps=8", "-S", "train.batch_size=4", "-S", "train.eval_steps=4"]
+    small += ["-S", SHORT_ANSWERS, "-S", NO_PARITY]
     result = run(["slmtune", "sweep", *grid, *small, "-j", "2"], clone)
     for stage in ("base", "prepare", "tokenize"):
         assert result.stdout.count(f"Running stage '{stage}'") == 1
