@@ -5,6 +5,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from slmtune.modeling import load_model
 from slmtune.prompting import IGNORE_INDEX
 from slmtune.resume import SEAL_FILE
 from slmtune.selection import ValidationLed
-from slmtune.telemetry import MemoryMonitor, StepLog
+from slmtune.telemetry import MemoryMonitor, StepLog, TrainingProgress
 from slmtune.tracking import mlflow_run
 from slmtune.training import (
     build_trainer,
@@ -204,10 +205,17 @@ def test_throughput_counts_the_trained_tokens_over_the_training_time_not_validat
     trainer = build_trainer(
         config, load_model(tiny_model_dir), tiny_tokenizer, splits, str(tmp_path / "t"), [], collator
     )
+    progress = TrainingProgress(collator, paused=lambda: trainer.eval_seconds)  # as `fit` adds it
+    trainer.add_callback(progress)
     trainer.train()
     evaluations = [row for row in trainer.state.log_history if "eval_loss" in row]
     assert len(evaluations) == 5  # step 0 and every 2 of 8 steps: five passes over the validation split
     assert collator.tokens == trained and trainer.eval_seconds > 0
+    # the progress line's tokens/s: the same trained tokens over the time spent training
+    elapsed = time.monotonic() - progress.start
+    shown = float(re.search(r"([\d,]+) tok/s", progress.figures())[1].replace(",", ""))
+    assert trainer.eval_seconds > 0.2 * elapsed  # enough validation time that counting it would show
+    assert shown == pytest.approx(trained / (elapsed - trainer.eval_seconds), rel=0.1)
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log_system_metrics=False)
     with mlflow_run(tracking):
         metrics, _, _ = fit(config, load_model(tiny_model_dir), tiny_tokenizer, splits, StepLog())

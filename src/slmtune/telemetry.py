@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,11 +117,16 @@ class StepLog(TrainerCallback):
 
 class TrainingProgress(TrainerCallback):
     """The training bar (rank 0): step/total, loss, tokens/s and time left in a terminal, plain lines in a log;
-    validation losses as lines above it. Replaces the Trainer's printer of raw log dicts."""
+    validation losses as lines above it. Replaces the Trainer's printer of raw log dicts. tokens/s: the trained
+    tokens over the time spent training, less `paused()` seconds (validation passes, whose tokens the counter
+    leaves out), as the run's final `train/tokens_per_second`."""
 
-    def __init__(self, tokens: TokenCounter | None = None, desc: str = "train") -> None:
+    def __init__(
+        self, tokens: TokenCounter | None = None, desc: str = "train", paused: Callable[[], float] | None = None
+    ) -> None:
         self.tokens = tokens
         self.desc = desc
+        self.paused = paused
         self.bar: Any = None
         self.loss: float | None = None
         self.start_tokens = 0
@@ -134,7 +140,7 @@ class TrainingProgress(TrainerCallback):
 
     def figures(self) -> str:
         figures = [f"loss {self.loss:.3f}"] if self.loss is not None else []
-        elapsed = time.monotonic() - self.start
+        elapsed = time.monotonic() - self.start - (self.paused() if self.paused else 0.0)
         if self.tokens is not None and elapsed > 0:
             figures.append(f"{(self.tokens.tokens - self.start_tokens) / elapsed:,.0f} tok/s")
         return ", ".join(figures)

@@ -616,7 +616,7 @@ def fit(
                 config, model, tokenizer, splits, output_dir or scratch, callbacks, collator, packed, bool(resume_from)
             )
             trainer.remove_callback(PrinterCallback)  # raw log dicts; TrainingProgress shows the run instead
-            trainer.add_callback(TrainingProgress(collator))
+            trainer.add_callback(TrainingProgress(collator, paused=lambda: trainer.eval_seconds))
             check_world_size(trainer)
             if trainer.is_fsdp_enabled and trainer.accelerator.is_main_process:
                 version = trainer.accelerator.state.fsdp_plugin.fsdp_version
