@@ -75,6 +75,20 @@ def test_unknown_override_fails_composition(tmp_path):
     assert not (tmp_path / "params.yaml").exists(), "a failed composition must not leave a params file"
 
 
+def test_a_schema_setting_the_preset_leaves_out_is_refused_with_the_override_that_works(tmp_path):
+    """Hydra refuses `key=value` for a key conf/'s YAML does not set: for a setting the schema knows (a source's
+    weight), the one-line error gives the `+key=value` that works; for a key that does not exist, it says so."""
+    known = "data.sources.company_kb.weight"
+    with pytest.raises(ConfigError) as refused:
+        compose_params(REPO, tmp_path / "params.yaml", [f"{known}=0.5"])
+    assert str(refused.value).count("\n") == 0 and f"override it as +{known}=0.5" in str(refused.value)
+    config = compose_params(REPO, tmp_path / "params.yaml", [f"+{known}=0.5"])
+    assert config.data.sources["company_kb"].weight == 0.5
+    with pytest.raises(ConfigError, match=r"train\.lerning_rate is not a setting") as unknown:
+        compose_params(REPO, tmp_path / "other.yaml", ["train.lerning_rate=1e-4"])
+    assert "+" not in str(unknown.value)
+
+
 def test_override_reaches_params(tmp_path):
     config = compose_params(REPO, tmp_path / "params.yaml", ["train.learning_rate=3e-4", "method.r=4"])
     assert config.train.learning_rate == 3e-4 and config.method.r == 4

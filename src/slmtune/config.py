@@ -672,6 +672,42 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def schema_has(key: str) -> bool:
+    """Whether the dotted `key` names a setting of the typed config (`Config`), through dict entries such as
+    `data.sources.<name>`: a setting the schema knows although conf/'s YAML does not set it."""
+    import dataclasses
+    import typing
+
+    node: Any = Config
+    for part in key.split("."):
+        if dataclasses.is_dataclass(node):
+            hints = typing.get_type_hints(node)
+            if part not in hints:
+                return False
+            node = hints[part]
+        elif typing.get_origin(node) is dict:
+            node = typing.get_args(node)[1]
+        else:
+            return False
+        if typing.get_origin(node) is typing.Union:  # Optional[X]
+            node = next(arg for arg in typing.get_args(node) if arg is not type(None))
+    return True
+
+
+def override_error(message: str) -> str:
+    """Hydra's error for an override, on one line with the fix. Hydra refuses `key=value` for a key that conf/'s
+    YAML does not set (its second line suggests `+key=value`): right for a setting the schema knows (e.g.
+    `data.sources.company_kb.weight`, whose default the preset leaves out), wrong for a key that does not exist."""
+    lines = message.splitlines()
+    if len(lines) > 1 and lines[0].startswith("Could not override '") and "use +" in lines[1]:
+        key = lines[0].split("'")[1]
+        override = lines[1].split("use ", 1)[1]
+        if schema_has(key):
+            return f"{key} is not set in conf/ (its default comes from the schema); override it as {override}"
+        return f"{key} is not a setting (params.yaml lists every setting with its value)"
+    return lines[0]
+
+
 def compose_params(root: str | Path, output: str | Path, overrides: list[str] | None = None) -> Config:
     """Compose `conf/` exactly as DVC's Hydra integration does, validate it, write `output`."""
     # DVC and Hydra take seconds to import and only composing needs them, not the stages loading params.yaml
@@ -683,7 +719,7 @@ def compose_params(root: str | Path, output: str | Path, overrides: list[str] | 
         try:
             compose_and_dump(tmp, str(root / CONF_DIR), None, CONF_NAME, str(root), overrides or [])
         except HydraException as exc:
-            raise ConfigError(f"{CONF_DIR}/: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"{CONF_DIR}/: {override_error(str(exc))}") from None
         config = validate_config(
             OmegaConf.load(tmp), f"{CONF_DIR}/ (composed{' with ' + ' '.join(overrides) if overrides else ''})"
         )
