@@ -76,6 +76,46 @@ def test_no_generated_prompt_matches_a_validation_or_test_prompt():
     assert off == ([record()], {"generator": "none", "original": 1, "generated": 0, "by_kind": {}})
 
 
+def test_questions_from_the_answers_phrases_and_the_question_as_keywords_leave_the_facts_out():
+    from slmtune.augmentation import keyword_query, rule_questions, topic_phrases
+
+    assert topic_phrases(ANSWER, QUESTION) == ["bereavement leave", "loss", "immediate family member"]
+    gold = "CareWell Gold has an annual deductible of 250 euros."
+    assert topic_phrases(gold, "What is the deductible on the CareWell Gold plan?") == [
+        "CareWell Gold",
+        "annual deductible",
+    ]
+    software = "Request software through the ServiceDesk portal; requests are approved within 2 business days."
+    # the sentence's capital goes, the key fact (ServiceDesk, a name the question lacks) is left out
+    assert topic_phrases(software, "How do I get new software installed?")[:2] == ["request software", "portal"]
+    assert keyword_query("If a close relative dies, how much paid time off can I take?") == (
+        "close relative dies paid time off?"
+    )
+    asked = rule_questions(QUESTION, ANSWER)
+    assert "Tell me about bereavement leave and loss." in asked and "Tell me about immediate family member." in asked
+    assert "Tell me about loss." not in asked  # one word is rarely one answer's
+    assert not any("5" in q for q in asked if "family" in q)
+
+
+def test_a_generated_question_two_answers_would_claim_is_dropped():
+    config = AugmentConfig(generator="rules", questions=50, statements=0, text=False)  # every candidate
+    deductible = record(
+        "kb.csv:2",
+        "What is the deductible on the CareWell Gold plan?",
+        "CareWell Gold has an annual deductible of 250 euros.",
+    )
+    premium = record(
+        "kb.csv:3", "What does the CareWell Gold plan cost?", "For CareWell Gold, the premium is 40 euros a month."
+    )
+    train, stats = augment_split({"train": [deductible, premium], "val": [], "test": []}, config, "unused", 42)
+    claims: dict[str, set[str]] = {}
+    for row in train:
+        claims.setdefault(prompt_key(row), set()).add(row["messages"][-1]["content"])
+    # "Tell me about CareWell Gold." and the other four frames of it, from each of the two answers
+    assert stats["dropped_ambiguous"] == 10
+    assert all(len(answers) == 1 for answers in claims.values()) and len(train) == 2 + stats["generated"] > 20
+
+
 class Rewriter(BaseHTTPRequestHandler):
     """An OpenAI-compatible chat completions endpoint that rewords by rule, one good and two bad rewrites in turn
     (by the request's seed): a good one, a non-question / a wrong number, and an unchanged copy."""

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .config import AugmentConfig
-from .data import answer_key, find_leaks, normalise_text
+from .data import answer_key, find_leaks, normalise_text, prompt_key
 from .errors import ConfigError, DataError
 from .facts import check_answer, extract_facts
 from .network import offline, url_is_local
@@ -64,7 +64,8 @@ TOPIC_STOPWORDS = set(
         "we our they their he she his her i my me can may must will would should could do does did have has had "
         "not no yes "
         "any every each all some up per than then there here what which who when where how why as from into over "
-        "under after before during get gets got also only just plus"
+        "under after before during get gets got also only just plus through within about without between if much many "
+        "take"
     )
 )
 PARAPHRASE_QUESTION = (
@@ -117,26 +118,52 @@ def word_order_variants(question: str) -> list[str]:
     return variants
 
 
-def topic_of(answer: str, question: str) -> str:
-    """The answer's first content words, without its key facts: what it is about."""
-    facts = extract_facts(answer, question)
+def topic_phrases(answer: str, question: str) -> list[str]:
+    """What the answer is about, as the runs of content words it is made of, its key facts left out ("You get 5 paid
+    days of bereavement leave for the loss of an immediate family member" -> "bereavement leave", "loss",
+    "immediate family member"): the cues a new wording of the question is likely to share with it."""
     text = answer
-    for fact in facts:
-        text = re.sub(re.escape(fact.text), " ", text, flags=re.IGNORECASE)
-    words = [w for w in re.findall(r"[A-Za-z][\w'-]*", text) if w.lower() not in TOPIC_STOPWORDS]
-    return " ".join(words[:8])
+    for fact in extract_facts(answer, question):
+        text = re.sub(re.escape(fact.text), " . ", text, flags=re.IGNORECASE)
+    phrases, run = [], []
+    for token in [*re.findall(r"[A-Za-z][\w'-]*|[^\w\s]", text), "."]:
+        if token[0].isalpha() and token.lower() not in TOPIC_STOPWORDS:
+            run.append(token)
+            continue
+        if run:
+            phrases.append(" ".join(run))
+        run = []
+    found = []
+    for phrase in phrases:
+        first, _, rest = phrase.partition(" ")
+        # the answer's first word is capitalised as a sentence's, unless it is a name: capitalised elsewhere too
+        elsewhere = any(re.search(rf"(?<=\S )\b{re.escape(first)}\b", text) for text in (question, answer))
+        first = first.lower() if answer.startswith(first) and not elsewhere else first
+        phrase = f"{first} {rest}".strip()
+        if phrase.lower() not in (p.lower() for p in found):
+            found.append(phrase)
+    return found
+
+
+def keyword_query(question: str) -> str:
+    """The question's content words only, as typed into a search box ("close relative dies paid time off?")."""
+    words = [w for w in re.findall(r"[A-Za-z][\w'-]*|\d[\d.,%]*", question) if w.lower() not in TOPIC_STOPWORDS]
+    return " ".join(words) + "?" if len(words) > 1 else ""
 
 
 def rule_questions(question: str, answer: str) -> list[str]:
-    """Question frames, word-order variants and questions from the answer's own words."""
+    """Question frames, word-order variants, the question as keywords, and questions about the answer's own
+    phrases (one, or two together)."""
     single_line = "\n" not in question
     ql = _lower_first(question)
     found = [frame.format(q=question, ql=ql) for frame in QUESTION_FRAMES] if single_line else []
     if single_line:
         found += word_order_variants(question)
-    topic = topic_of(answer, question)
-    if topic:
-        found += [frame.format(topic=topic) for frame in ANSWER_QUESTION_FRAMES]
+        found += [query] if (query := keyword_query(question)) else []
+    phrases = topic_phrases(answer, question)
+    # a phrase of one word ("portal") is rarely specific to one answer; two phrases together are
+    topics = [p for p in phrases if " " in p][:3] + ([f"{phrases[0]} and {phrases[1]}"] if len(phrases) > 1 else [])
+    found += [frame.format(topic=topic) for topic in topics for frame in ANSWER_QUESTION_FRAMES]
     return found
 
 
@@ -329,6 +356,17 @@ def augment_answer(
     return rows
 
 
+def drop_ambiguous(generated: list[dict[str, Any]], train: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """Generated questions that two different answers would claim ("Tell me about CareWell Gold." from the Gold
+    plan's deductible and from its premium) teach the model to guess: they are dropped, with their count."""
+    answers: dict[str, set[str]] = {}
+    for record in [*train, *generated]:
+        if _question_and_answer(record) is not None:
+            answers.setdefault(prompt_key(record), set()).add(answer_key(record))
+    kept = [r for r in generated if "messages" not in r or len(answers.get(prompt_key(r), ())) < 2]
+    return kept, len(generated) - len(kept)
+
+
 def augment_split(
     splits: dict[str, list[dict[str, Any]]], config: AugmentConfig, base_model: str, seed: int
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -346,9 +384,11 @@ def augment_split(
     generated = []
     for records in track(list(by_answer.values()), desc=f"augment ({config.generator})", unit="answer"):
         generated += augment_answer(records, generator, config, rng)
+    generated, ambiguous = drop_ambiguous(generated, train)
     kept, leaks = find_leaks({"train": generated, "val": splits.get("val", []), "test": splits.get("test", [])})
     stats["generated"] = len(kept)
     stats["dropped_leaks"] = len(leaks)
+    stats["dropped_ambiguous"] = ambiguous
     stats["by_kind"] = {
         "questions": sum("messages" in r for r in kept),
         "statements_as_text": sum("text" in r for r in kept),

@@ -320,6 +320,7 @@ def data_figures(config: Config) -> dict[str, Any]:
         figures["data_stats.augment.generated"] = stats["generated"]
         figures.update({f"data_stats.augment.{kind}": n for kind, n in stats["by_kind"].items()})
         figures["data_stats.augment.dropped_leaks"] = stats.get("dropped_leaks", 0)
+        figures["data_stats.augment.dropped_ambiguous"] = stats.get("dropped_ambiguous", 0)
     for reason, count in (data_stats["dropped"] | token_stats["dropped"]).items():
         figures[f"data_stats.dropped.{reason.replace(' ', '_')}"] = count
     return figures

@@ -22,6 +22,7 @@ def run_augment(config: Config, augmented_dir: Path, stats_path: Path) -> dict[s
         kinds = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in stats["by_kind"].items())
         print(
             f"augment ({stats['generator']}): {stats['generated']} rows from {stats['sources_augmented']} of "
-            f"{stats['original']} training examples ({kinds}); {stats['dropped_leaks']} dropped as leaks"
+            f"{stats['original']} training examples ({kinds}); {stats['dropped_leaks']} dropped as leaks, "
+            f"{stats.get('dropped_ambiguous', 0)} as questions two answers claim"
         )
     return stats

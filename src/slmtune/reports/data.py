@@ -21,7 +21,8 @@ def augment_line(stats: dict[str, Any] | None) -> str:
     return (
         f"Knowledge augmentation ({stats['generator']}): {stats['generated']} generated training rows ({kinds}) from "
         f"{stats['sources_augmented']} of {stats['original']} training examples; {stats['dropped_leaks']} dropped "
-        "because they matched a validation or test prompt. The train split below includes them (statements as text are "
+        f"because they matched a validation or test prompt, {stats.get('dropped_ambiguous', 0)} because two different "
+        "answers claimed the same question. The train split below includes them (statements as text are "
         "chunked like raw text).\n\n"
     )
 
