@@ -374,6 +374,7 @@ def bad_data_project(root: Path, tiny_model_dir: Path, fixture: str, *settings: 
     shutil.copy(FIXTURES / "bad" / fixture, project / "data/raw/bad" / fixture)
     overrides = [
         "~data.sources.company_kb",
+        "~data.sources.reworded",
         f"+data.sources.bad.path=data/raw/bad/{fixture}",
         "data.val_fraction=0",
         *settings,
@@ -389,9 +390,10 @@ def bad_data_project(root: Path, tiny_model_dir: Path, fixture: str, *settings: 
     return project
 
 
-def data_report_rows(project: Path) -> dict[str, int]:
+def data_report_rows(project: Path) -> dict[str, dict[str, int]]:
+    """Rows per split and source."""
     stats = json.loads((project / "reports/data_stats.json").read_text())
-    return stats["rows"]
+    return stats["rows_by_source"]
 
 
 DATA = DataConfig()

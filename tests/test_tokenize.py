@@ -306,13 +306,14 @@ def test_length_stats_count_trained_share_and_truncation():
 def test_data_report_counts_rows_tokens_and_drops(tiny_trained):
     tiny_project = tiny_trained.project
     report = (tiny_project / "reports/data_report.md").read_text()
-    rows = data_report_rows(tiny_project)
+    rows = {split: by_source.get("company_kb", 0) for split, by_source in data_report_rows(tiny_project).items()}
     for heading in ("## Rows per source and split", "## Token lengths per split", "## Dropped rows"):
         assert heading in report
     assert (
         f"| `company_kb` | `data/raw/company_kb.csv` | instruction | 114 | {rows['train']} | {rows['val']} | "
         f"{rows['test']} |" in report
     )
+    assert "| `reworded` | `data/raw/company_kb_reworded.csv` | instruction | 76 | 0 | 76 | 0 |" in report
     assert "None: every row was used." in report and "![Token lengths per split](data_lengths.png)" in report
     assert (tiny_project / "reports/data_lengths.png").read_bytes().startswith(b"\x89PNG")
     tokens = json.loads((tiny_project / "reports/token_stats.json").read_text())

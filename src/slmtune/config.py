@@ -508,6 +508,13 @@ class TrainConfig:
             )
 
 
+def data_name(data: Any) -> str:
+    """The data a model learns from, for run and model names: its sources joined by "+", leaving out those held
+    out whole (`split: val` or `test`: they judge the model, it does not learn them)."""
+    names = [name for name, source in data.sources.items() if source.split in (None, "train")]
+    return "+".join(names or data.sources)
+
+
 def planned_epochs(config: Any) -> float | None:
     """The epochs a run of `config` trains (`train.epochs`, or chosen from the tokenized training split's size as
     `reports/token_stats.json` records it); None when chosen from data not yet tokenized."""

@@ -13,6 +13,7 @@ from typing import Any
 
 import mlflow
 
+from .config import data_name
 from .lineage import package_versions
 
 MODEL_FILE = Path(__file__).with_name("mlflow_model.py")
@@ -21,8 +22,8 @@ MODEL_NAME = "model"
 
 
 def registered_name(config: Any) -> str:
-    """`tracking.registered_model`, or `<experiment>-<data sources>`."""
-    return config.tracking.registered_model or f"{config.tracking.experiment}-{'+'.join(config.data.sources)}"
+    """`tracking.registered_model`, or `<experiment>-<data sources>` (those it learns from)."""
+    return config.tracking.registered_model or f"{config.tracking.experiment}-{data_name(config.data)}"
 
 
 RUNTIME_PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "gguf", "omegaconf", "mlflow")

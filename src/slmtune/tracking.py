@@ -25,7 +25,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .config import Config, ModelConfig, TrackingConfig, flatten, planned_epochs
+from .config import Config, ModelConfig, TrackingConfig, data_name, flatten, planned_epochs
 from .errors import MissingFileError, TrackingStoreError
 from .lineage import final_adapter, git_state, project_root
 
@@ -200,7 +200,7 @@ def run_name(config: Config, exp_name: str = WORKSPACE) -> str:
     described = method.name + (f" r{method.r}" if method.adapter == "lora" else "")
     epochs = train.epochs if train.epochs is not None else planned_epochs(config)
     length = f"{train.max_steps} steps" if train.max_steps > 0 else f"{epochs:g} epochs" if epochs else "auto epochs"
-    name = f"{'+'.join(config.data.sources)} · {described} · lr {train.learning_rate:g} · {length}"
+    name = f"{data_name(config.data)} · {described} · lr {train.learning_rate:g} · {length}"
     if config.model.source != ModelConfig.source:  # the shipped default goes without saying
         name = f"{Path(config.model.source).name} · {name}"
     return name if exp_name == WORKSPACE else f"{exp_name}: {name}"
