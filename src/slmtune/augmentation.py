@@ -137,7 +137,7 @@ def topic_phrases(answer: str, question: str) -> list[str]:
     for phrase in phrases:
         first, _, rest = phrase.partition(" ")
         # the answer's first word is capitalised as a sentence's, unless it is a name: capitalised elsewhere too
-        elsewhere = any(re.search(rf"(?<=\S )\b{re.escape(first)}\b", text) for text in (question, answer))
+        elsewhere = any(re.search(rf"(?<=\S )\b{re.escape(first)}\b", side) for side in (question, answer))
         first = first.lower() if answer.startswith(first) and not elsewhere else first
         phrase = f"{first} {rest}".strip()
         if phrase.lower() not in (p.lower() for p in found):

@@ -23,6 +23,6 @@ def run_augment(config: Config, augmented_dir: Path, stats_path: Path) -> dict[s
         print(
             f"augment ({stats['generator']}): {stats['generated']} rows from {stats['sources_augmented']} of "
             f"{stats['original']} training examples ({kinds}); {stats['dropped_leaks']} dropped as leaks, "
-            f"{stats.get('dropped_ambiguous', 0)} as questions two answers claim"
+            f"{stats['dropped_ambiguous']} as questions two answers claim"
         )
     return stats
