@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_OVERRIDES, built_once, make_project, run, stage_env
+from conftest import REPO, TINY_OVERRIDES, built_once, make_project, run, stage_env
 from slmtune.errors import ExperimentError
 from slmtune.experiments import metric_direction, sweep_points, swept_keys
 from slmtune.reports.sweep import SweepOutcome, rank_experiments, render_sweep_report
@@ -108,16 +108,34 @@ def test_experiments_are_read_under_their_baseline_and_a_swept_group_by_its_pres
 
     asked = []
 
+    kb = {
+        "params.yaml:data.sources.company_kb.path": "data/raw/company_kb.csv",
+        "params.yaml:data.sources.reworded.path": "data/raw/company_kb_reworded.csv",
+        "params.yaml:data.sources.reworded.split": "val",
+    }
+    handbook = {  # the company_kb preset's values and more: the more specific preset is the one shown
+        "params.yaml:data.sources.handbook.path": "data/raw/lumora_handbook.txt",
+        "params.yaml:data.sources.handbook.kind": "text",
+        "params.yaml:data.sources.handbook.split": "train",
+        "params.yaml:data.sources.handbook.weight": 2.0,  # dvc exp show reads numbers as floats
+    }
+
     def exp_show(repo, revs=None):
         asked.append(revs)
-        listed = [{"Experiment": "exp-a", "params.yaml:method.name": "full", "params.yaml:method.r": 16}]
+        listed = [
+            {"Experiment": "exp-a", "params.yaml:method.name": "full", "params.yaml:method.r": 16, **kb},
+            {"Experiment": "exp-b", "params.yaml:method.name": "full", **kb, **handbook},
+        ]
         return listed + [{"Experiment": "other", "params.yaml:method.name": "lora"}] if revs == "abc123" else []
 
     monkeypatch.setattr(dvc.api, "exp_show", exp_show)
-    rows = experiment_rows(Path("."), ["exp-a"], "abc123")
+    rows = experiment_rows(REPO, ["exp-a", "exp-b"], "abc123")
     assert asked == ["abc123"]
-    assert rows == {"exp-a": {"Experiment": "exp-a", "method": "full", "method.name": "full", "method.r": 16}}
+    flat = {"Experiment": "exp-a", "method.name": "full", "method.r": 16} | {k.split(":")[1]: v for k, v in kb.items()}
+    assert rows["exp-a"] == {"method": "full", "data": "company_kb"} | flat
+    assert (rows["exp-b"]["method"], rows["exp-b"]["data"]) == ("full", "company_kb_handbook")
     assert swept_keys(["method=lora,full", "train.max_steps=5"]) == ["method"]
+    assert swept_keys(["data=company_kb,company_kb_handbook"]) == ["data"]
 
 
 @pytest.fixture(scope="session")

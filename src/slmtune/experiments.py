@@ -289,10 +289,35 @@ def experiment_rows(root: Path, names: list[str], baseline: str) -> dict[str, di
     for row in dvc.api.exp_show(repo=str(root), revs=baseline):
         if row.get("Experiment") in names:
             flat = {key.split(":", 1)[-1]: value for key, value in row.items()}
-            # a swept config group (`-S method=lora,full`) is shown by its preset's name (`method.name`)
+            # a swept config group (`-S method=lora,full`) is shown by its preset's name (`method.name`), or for a
+            # group without one (`-S data=company_kb,company_kb_handbook`) by the preset its params hold
             groups = {key.split(".")[0]: value for key, value in flat.items() if key.endswith(".name")}
-            rows[row["Experiment"]] = {group: name for group, name in groups.items() if "." not in group} | flat
+            groups = {group: name for group, name in groups.items() if "." not in group}
+            for folder in sorted(p for p in (root / "conf").glob("*") if p.is_dir() and p.name not in groups):
+                if (preset := preset_of(folder, flat)) is not None:
+                    groups[folder.name] = preset
+            rows[row["Experiment"]] = groups | flat
     return rows
+
+
+def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}.{key}").items()}
+
+
+def preset_of(group: Path, flat: dict[str, Any]) -> str | None:
+    """The preset of a config group (conf/<group>/<preset>.yaml) whose every value an experiment's flat params
+    hold; the most specific when several do (a preset that adds a source to another's), None when none does."""
+    matches = []
+    for path in sorted(group.glob("*.yaml")):
+        tree = yaml.safe_load(path.read_text())
+        values = (
+            _flatten({k: v for k, v in tree.items() if k != "defaults"}, group.name) if isinstance(tree, dict) else {}
+        )
+        if values and all(flat.get(key) == value for key, value in values.items()):
+            matches.append((len(values), path.stem))
+    return max(matches)[1] if matches else None
 
 
 def schedule_child_runs(experiment_id: str, parent_id: str, names: list[str], baseline: str) -> dict[str, str]:
