@@ -238,7 +238,7 @@ class AugmentConfig:
     generator: str = "rules"
     """none, rules (offline: question frames, word-order variants, questions from the answer's words, statement
     frames), model (a local causal LM rewords them) or endpoint (an OpenAI-compatible server rewords them)."""
-    questions: int = 12
+    questions: int = 24
     """New questions per answer (per fact), spread over the training examples that ask for it, each paired with the
     answer as the data gives it."""
     statements: int = 2
