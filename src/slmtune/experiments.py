@@ -30,7 +30,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .config import Config, compose_params, load_config
+from .config import Config, compose_params, flatten, load_config
 from .errors import ExperimentError
 from .lineage import file_md5, git_state
 from .metrics import direction
@@ -300,12 +300,6 @@ def experiment_rows(root: Path, names: list[str], baseline: str) -> dict[str, di
     return rows
 
 
-def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}.{key}").items()}
-
-
 def preset_of(group: Path, flat: dict[str, Any]) -> str | None:
     """The preset of a config group (conf/<group>/<preset>.yaml) whose every value an experiment's flat params
     hold; the most specific when several do (a preset that adds a source to another's), None when none does."""
@@ -313,7 +307,9 @@ def preset_of(group: Path, flat: dict[str, Any]) -> str | None:
     for path in sorted(group.glob("*.yaml")):
         tree = yaml.safe_load(path.read_text())
         values = (
-            _flatten({k: v for k, v in tree.items() if k != "defaults"}, group.name) if isinstance(tree, dict) else {}
+            flatten({k: v for k, v in tree.items() if k != "defaults"}, f"{group.name}.")
+            if isinstance(tree, dict)
+            else {}
         )
         if values and all(flat.get(key) == value for key, value in values.items()):
             matches.append((len(values), path.stem))
