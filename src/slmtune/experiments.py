@@ -286,6 +286,7 @@ def experiment_rows(root: Path, names: list[str], baseline: str) -> dict[str, di
     """Name -> flat params and metrics of finished experiments, as `dvc exp show` lists them under their baseline
     commit (which HEAD may have left while they ran)."""
     rows = {}
+    presets = {folder.name: group_presets(folder) for folder in sorted((root / "conf").glob("*")) if folder.is_dir()}
     for row in dvc.api.exp_show(repo=str(root), revs=baseline):
         if row.get("Experiment") in names:
             flat = {key.split(":", 1)[-1]: value for key, value in row.items()}
@@ -293,26 +294,31 @@ def experiment_rows(root: Path, names: list[str], baseline: str) -> dict[str, di
             # group without one (`-S data=company_kb,company_kb_handbook`) by the preset its params hold
             groups = {key.split(".")[0]: value for key, value in flat.items() if key.endswith(".name")}
             groups = {group: name for group, name in groups.items() if "." not in group}
-            for folder in sorted(p for p in (root / "conf").glob("*") if p.is_dir() and p.name not in groups):
-                if (preset := preset_of(folder, flat)) is not None:
-                    groups[folder.name] = preset
+            for group, options in presets.items():
+                if group not in groups and (preset := preset_of(options, flat)) is not None:
+                    groups[group] = preset
             rows[row["Experiment"]] = groups | flat
     return rows
 
 
-def preset_of(group: Path, flat: dict[str, Any]) -> str | None:
-    """The preset of a config group (conf/<group>/<preset>.yaml) whose every value an experiment's flat params
-    hold; the most specific when several do (a preset that adds a source to another's), None when none does."""
-    matches = []
+def group_presets(group: Path) -> dict[str, dict[str, Any]]:
+    """Preset name -> its flat values (`data.sources.company_kb.path`...) for a config group folder of conf/."""
+    presets = {}
     for path in sorted(group.glob("*.yaml")):
         tree = yaml.safe_load(path.read_text())
-        values = (
-            flatten({k: v for k, v in tree.items() if k != "defaults"}, f"{group.name}.")
-            if isinstance(tree, dict)
-            else {}
-        )
-        if values and all(flat.get(key) == value for key, value in values.items()):
-            matches.append((len(values), path.stem))
+        if isinstance(tree, dict):
+            presets[path.stem] = flatten({k: v for k, v in tree.items() if k != "defaults"}, f"{group.name}.")
+    return presets
+
+
+def preset_of(presets: dict[str, dict[str, Any]], flat: dict[str, Any]) -> str | None:
+    """The preset of a config group whose every value an experiment's flat params hold; the most specific when
+    several do (a preset that adds a source to another's), None when none does."""
+    matches = [
+        (len(values), name)
+        for name, values in presets.items()
+        if values and all(flat.get(key) == value for key, value in values.items())
+    ]
     return max(matches)[1] if matches else None
 
 
