@@ -144,6 +144,22 @@ def test_gradient_accumulation_trains_like_the_larger_batch(tiny_model_dir, tiny
     assert any(not torch.allclose(smaller[name], weight, atol=1e-6) for name, weight in larger.items())
 
 
+def test_neftune_noises_the_input_embeddings_of_training_steps_only(tiny_model_dir, tiny_tokenizer, records, tmp_path):
+    plain = train_steps(tiny_model_dir, tiny_tokenizer, records, tmp_path, 2)
+    noised = train_steps(tiny_model_dir, tiny_tokenizer, records, tmp_path, 2, neftune_noise_alpha=5.0)
+    assert any(not torch.equal(plain[k], noised[k]) for k in plain), "train.neftune_noise_alpha changed nothing"
+    # the noise is the Trainer's, on for its training steps and gone after: the published model is not noised
+    config = tiny_config(neftune_noise_alpha=5.0)
+    model = lora_model(load_model(tiny_model_dir), config)
+    trainer = build_trainer(config, model, tiny_tokenizer, splits_for(records, tiny_tokenizer), str(tmp_path), [])
+    assert trainer.args.neftune_noise_alpha == 5.0
+    embeddings = model.get_input_embeddings()
+    assert not embeddings._forward_hooks
+    config.train.neftune_noise_alpha = 0.0
+    with pytest.raises(ConfigError, match=r"params.yaml: train.neftune_noise_alpha must be above 0"):
+        config.train.check("params.yaml")
+
+
 def test_gradient_checkpointing_recomputes_each_layer_in_the_backward_pass(
     tiny_model_dir, tiny_tokenizer, records, tmp_path, monkeypatch
 ):

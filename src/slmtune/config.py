@@ -421,6 +421,11 @@ class TrainConfig:
     """Share of steps spent warming up the learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    neftune_noise_alpha: Optional[float] = None
+    """NEFTune (Jain et al., 2023; transformers' Trainer): uniform noise of this scale, divided by the square root
+    of the row's tokens times the hidden size, added to the input embeddings in training steps only, a regulariser
+    against memorising the exact wording; null: none. Packed rows hold a batch's examples together, so the same
+    alpha adds less noise per token than on padded batches."""
     batch_size: int = 8
     """Examples per device (per process) per step."""
     gradient_accumulation_steps: int = 1
@@ -497,6 +502,11 @@ class TrainConfig:
                 raise ConfigError(f"{where}: train.{key} must be >= 0 (got {getattr(self, key)}).")
         if self.save_total_limit < 1:
             raise ConfigError(f"{where}: train.save_total_limit must be at least 1 (got {self.save_total_limit}).")
+        if self.neftune_noise_alpha is not None and self.neftune_noise_alpha <= 0:
+            raise ConfigError(
+                f"{where}: train.neftune_noise_alpha must be above 0, or null for no noise "
+                f"(got {self.neftune_noise_alpha})."
+            )
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"{where}: train.epochs must be above 0, or null to choose from the data.")
         if self.epochs is None and self.token_budget < 1:

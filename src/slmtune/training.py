@@ -234,6 +234,7 @@ def training_arguments(
         lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_ratio,
         weight_decay=train.weight_decay,
+        neftune_noise_alpha=train.neftune_noise_alpha,
         per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
