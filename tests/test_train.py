@@ -412,10 +412,22 @@ def test_precision_auto_is_bf16_where_the_hardware_computes_it_and_bf16_trains_o
     config = tiny_config()
     config.train.precision = "auto"
     monkeypatch.setattr(training.torch.cuda, "is_available", lambda: False)
-    for flags, expected in (({"avx512f"}, False), ({"avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True)):
+    measured = []
+    for flags, speedup, expected in (
+        ({"avx512f"}, 2.0, False),  # emulated bf16: not even measured
+        ({"avx512f", "avx512_bf16"}, 2.0, True),
+        ({"amx_bf16"}, 1.25, True),
+        ({"avx512f", "avx512_bf16"}, 0.55, False),  # the instructions, yet slower than fp32 (measured on a Xeon VM)
+        ({"avx512f", "avx512_bf16"}, 1.1, False),  # within the margin
+    ):
         monkeypatch.setattr(training, "cpu_flags", lambda flags=flags: flags)
-        assert use_bf16(config.train) is expected
+        monkeypatch.setattr(training, "bf16_matmul_speedup", lambda s=speedup: measured.append(s) or s)
+        training.bf16_native.cache_clear()
+        assert use_bf16(config.train) is expected, (flags, speedup)
+    assert measured == [2.0, 1.25, 0.55, 1.1]
+    training.bf16_native.cache_clear()
     # bf16 autocast on a CPU (transformers alone refuses it: "Your setup doesn't support bf16/gpu")
+    config.train.precision = "bf16"
     model = lora_model(load_model(tiny_model_dir), config)
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log_system_metrics=False)
     seen = []
@@ -426,6 +438,21 @@ def test_precision_auto_is_bf16_where_the_hardware_computes_it_and_bf16_trains_o
         metrics, _, _ = fit(config, model, tiny_tokenizer, splits_for(records, tiny_tokenizer), StepLog())
     assert metrics["bf16"] == 1.0 and seen and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights (and so optimizer states) stay fp32
+
+
+def test_the_bf16_matmul_measurement_is_kept_per_machine(tmp_path, monkeypatch):
+    """Measured once, then read back: a later run of the same machine decides the same precision."""
+    from slmtune import training
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = training.bf16_matmul_speedup(size=64, repeats=2)
+    store = tmp_path / "slmtune" / "bf16_speedup.json"
+    (key, value), *others = json.loads(store.read_text()).items()
+    assert not others and value == round(first, 3) and first > 0 and str(torch.get_num_threads()) in key.split("|")
+    store.write_text(json.dumps({key: 9.5}))
+    assert training.bf16_matmul_speedup(size=64, repeats=2) == 9.5
+    assert training.bf16_matmul_speedup(size=32, repeats=2) != 9.5  # another measurement, another entry
+    assert len(json.loads(store.read_text())) == 2
 
 
 HEAP_PROBE = """

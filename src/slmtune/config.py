@@ -435,8 +435,9 @@ class TrainConfig:
     (on when one micro-batch of max_batch_tokens, or the longest example if longer, would keep more than
     2 GB of activations)."""
     precision: str = "auto"
-    """auto (bf16 autocast where the hardware computes bf16 natively: GPUs that support it, CPUs with AVX512-BF16
-    or AMX; else fp32), fp32, bf16 or fp16 mixed precision. Weights and optimizer states stay fp32."""
+    """auto (bf16 autocast where it is faster: GPUs that support it, CPUs with AVX512-BF16 or AMX whose bf16
+    matmul measures at least 1.2x the fp32 one; else fp32), fp32, bf16 or fp16 mixed precision. Weights and
+    optimizer states stay fp32."""
     group_by_length: bool = True
     """Batch examples of similar length, so that padding to the longest in a batch wastes little."""
     packing: bool = True
