@@ -487,7 +487,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"
     print(
         f"machine: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; measured matmul peak "
-        f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s (native bf16: {bf16_native()}); "
+        f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s "
+        f"(precision auto trains in bf16 here: {bf16_native()}); "
         f"{args.steps} steps x batch {args.batch_size}" + (f"; overrides {' '.join(args.set)}" if args.set else ""),
         flush=True,
     )
