@@ -1066,7 +1066,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_
         assert b == pytest.approx(a, rel=1e-5)
     ours, theirs = adapter_weights(two), adapter_weights(one)
     for name in ours:
-        assert ours[name].allclose(theirs[name], rtol=1e-3, atol=1e-6), name
+        # relative to the tensor, not per element: Adam's step on an element whose gradient is ~0 follows the sign
+        # of float noise (measured on an Intel Xeon: 1 element of 1,024 off by 1.6e-5, the tensor by 6e-6)
+        assert (ours[name] - theirs[name]).norm() <= 1e-4 * theirs[name].norm(), name
     final = [validation_loss(p, tiny_model_dir) for p in (one, two)]
     gained = validation_loss(one, tiny_model_dir, adapter=False) - final[0]
     assert gained > 0.05 and final[1] == pytest.approx(final[0], abs=1e-3 * gained)
