@@ -325,6 +325,34 @@ def test_packed_batches_score_each_example_as_if_it_were_alone(tiny_model_dir, t
         torch.testing.assert_close(losses[key], losses[False, "sdpa"], rtol=1e-4, atol=1e-5)
 
 
+def test_per_example_attention_runs_in_fp32_on_a_cpu_under_bf16_autocast():
+    """The CPU's bf16 SDPA kernel is slower than its fp32 one, so under bf16 autocast the per-example attention
+    computes its scores from fp32 inputs: the same output as fp32 attention, not bf16's rounding of it; for a
+    padding-free row and for a single sequence alike."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from slmtune.attention import padding_free_attention
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=2, training=False)
+    query, key, value = torch.randn(1, 4, 12, 16), torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed, _ = padding_free_attention(module, query, key, value, None, position_ids=positions)
+        single, _ = padding_free_attention(module, query, key, value, None, position_ids=torch.arange(12)[None])
+        in_bf16, _ = sdpa_attention_forward(module, query, key, value, None)
+    assert in_bf16.dtype == torch.bfloat16  # autocast alone would have computed it in bf16
+    expected = [
+        sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None)[0]
+        for a, b in ((0, 7), (7, 12))
+    ]
+    assert packed.dtype == torch.float32
+    torch.testing.assert_close(packed, torch.cat(expected, dim=1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(single, sdpa_attention_forward(module, query, key, value, None)[0], rtol=1e-6, atol=1e-6)
+
+
 def test_a_model_that_mixes_packed_examples_trains_on_padded_batches(tiny_tokenizer, monkeypatch):
     """OPT derives positions from the attention mask, so with SDPA's block mask a padding-free row lets examples
     see each other: the check before training says so and the batches are padded. The per-example attention
