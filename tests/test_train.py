@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -519,7 +520,60 @@ def test_training_returns_freed_activation_memory_to_the_system():
     assert codes == {"default": 3, "fit": 0}, "freed 2.4 MB blocks: 0 returned to the system, 3 kept"
 
 
+KERNEL_CACHE_PROBE = """
+import ctypes
+import slmtune  # noqa: F401  (sets the caches' sizes unless the environment already has)
+import torch
+class Info(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+def in_use():
+    info = libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20
+weight = torch.randn(576, 576, dtype=torch.bfloat16)
+for rows in range(1, 5):
+    torch.randn(rows, 576, dtype=torch.bfloat16) @ weight
+before = in_use()
+for rows in range(100, 400):  # a new token count per micro-batch, as padding-free batches have
+    torch.randn(rows, 576, dtype=torch.bfloat16) @ weight
+print(in_use() - before)
+"""
+
+
+def test_importing_slmtune_bounds_the_cpu_matmul_kernel_caches(monkeypatch):
+    """oneDNN and PyTorch's ideep each keep up to 1,024 compiled bf16 matmul kernels, one per shape; with a new
+    token count per micro-batch they grew the peak of bf16 training by hundreds of MB. slmtune sets both caches to
+    16 (a user's own setting wins), and with bf16 matmuls in hardware, 300 shapes then keep a few MB, not ~180."""
+    import importlib
+
+    import slmtune
+    from slmtune import training
+
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        monkeypatch.delenv(name, raising=False)
+    importlib.reload(slmtune)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["LRU_CACHE_CAPACITY"] == "16"
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "64")
+    importlib.reload(slmtune)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "64"
+    if not training.cpu_flags() & {"avx512_bf16", "amx_bf16"} or not sys.platform.startswith("linux"):
+        return  # bf16 emulated: too slow to probe, and not oneDNN's kernels
+    grown = {}
+    names = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+    for size in ("1024", None):
+        env = {k: v for k, v in os.environ.items() if k not in names}
+        env.update(dict.fromkeys(names, size) if size else {})
+        command = ["python", "-c", KERNEL_CACHE_PROBE]
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        grown[size] = float(proc.stdout.split()[-1])
+    assert grown["1024"] > 60 and grown[None] < 30, grown
+
+
 def test_gradient_checkpointing_auto_turns_on_when_a_micro_batch_would_not_fit(tiny_model_dir):
+    from slmtune import training
     from slmtune.training import ACTIVATION_BUDGET_BYTES, activation_bytes
 
     model = load_model(tiny_model_dir)
@@ -527,6 +581,9 @@ def test_gradient_checkpointing_auto_turns_on_when_a_micro_batch_would_not_fit(t
     per_token = activation_bytes(model, 1, False, config.method.dropout)
     config.train.max_batch_tokens = config.data.max_length = ACTIVATION_BUDGET_BYTES // per_token // 2
     assert not use_gradient_checkpointing(config, model)
+    # on a CPU a micro-batch over the token bound (one example longer than it) recomputes, though the budget would
+    # hold twice as many positions: the peak does not grow with the longest example
+    assert training.checkpoint_above(config, model) == config.train.max_batch_tokens
     config.data.max_length *= 4  # one example alone would keep twice the budget
     assert use_gradient_checkpointing(config, model)
     config.train.gradient_checkpointing = "false"

@@ -262,12 +262,19 @@ def micro_batch_tokens(config: Config, model: Any) -> int:
 
 def checkpoint_above(config: Config, model: Any) -> int:
     """The most token positions a micro-batch may hold and still keep its activations (`activation_bytes`) within
-    `activation_budget`: above it, `train.gradient_checkpointing=auto` recomputes the micro-batch's layers in
+    `activation_budget`, and on a CPU at most `train.max_batch_tokens` (only a single example longer than that
+    makes such a micro-batch): above it, `train.gradient_checkpointing=auto` recomputes the micro-batch's layers in
     the backward pass. Recomputing gives the same gradients, bit for bit, so which batches do changes only time and
-    memory; a few long examples no longer slow every batch by the recomputation (about a quarter of a step)."""
+    memory; a few long examples no longer slow every batch by the recomputation (about a quarter of a step), and
+    the peak does not grow with the longest example (SmolLM2 full fine-tuning in bf16 on the knowledge base, 40
+    steps: one 601-token text, under the budget's 706 positions, set the peak at 4,625 MB, 400 above any other
+    micro-batch's)."""
     dropout = config.method.dropout if config.method.adapter == "lora" else 0.0
     per_token = activation_bytes(model, 1, use_bf16(config.train), dropout)
-    return activation_budget(model) // per_token if per_token else sys.maxsize
+    above = activation_budget(model) // per_token if per_token else sys.maxsize
+    if config.train.max_batch_tokens > 0 and not torch.cuda.is_available():
+        above = min(above, config.train.max_batch_tokens)
+    return above
 
 
 def training_arguments(
