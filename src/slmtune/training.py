@@ -645,8 +645,12 @@ def return_freed_memory() -> bool:
     freed. By default glibc raises that threshold (up to 32 MB) each time it frees a mapped block, so after the
     first step the activations of a micro-batch (1-4 MB tensors) come from the heap, whose freed holes between
     smaller blocks it keeps: the peak RSS grows above the memory in use. Measured on the long benchmark set
-    (fp32 full fine-tuning, one run each): peak 4006 -> 3782 MB, 163.6 vs 162.9 tokens/s. Returns whether it
-    applied (glibc on Linux; elsewhere nothing changes)."""
+    (fp32 full fine-tuning, one run each): peak 4006 -> 3782 MB, 163.6 vs 162.9 tokens/s. `fit` sets it up for
+    fp32 training only: under bf16 autocast the activations are half as large and the matmuls twice as fast, and
+    mapping and unmapping them (page faults on every first touch) cost more than it saved (AVX512-BF16 Zen 4,
+    full fine-tuning, long set, four alternating pairs: 183-242 tokens/s with glibc's default, 188-214 with the
+    fixed threshold, peak 3,927-3,942 against 3,850-3,858 MB). Returns whether it applied (glibc on Linux;
+    elsewhere nothing changes)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -671,7 +675,8 @@ def fit(
     the validation record (`validation_record`). With a validation split the model ends with the weights of
     its best evaluation when `train.select_best`."""
     set_seed(config.train.seed)
-    return_freed_memory()
+    if resolved_precision(config.train) == "fp32":
+        return_freed_memory()
     with tempfile.TemporaryDirectory(prefix="slmtune-trainer-") as scratch:
         packed = padding_free(config, model, splits)
         led = validation_led(config, model, "val" in splits)
