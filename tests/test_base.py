@@ -73,3 +73,35 @@ def test_llama_targets_attention_and_mlp(tiny_model_dir):
         "up_proj",
         "down_proj",
     ]
+
+
+def test_a_gguf_source_is_parsed_once_and_gives_the_same_weights(tiny_model_dir, tmp_path, monkeypatch):
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from slmtune.export import write_gguf
+
+    write_gguf(tiny_model_dir, tmp_path / "tiny.gguf", "f16", "tiny")
+    # as transformers loads it alone: the file parsed for the config, the tokenizer and the weights
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf").state_dict()
+    parses, maps = [], []
+    reader_init, name_map = gguf.GGUFReader.__init__, gguf.get_tensor_name_map
+
+    def counted_init(self, path, *args, **kwargs):
+        parses.append(str(path))
+        reader_init(self, path, *args, **kwargs)
+
+    def counted_map(arch, n_blocks):
+        maps.append((arch, n_blocks))
+        return name_map(arch, n_blocks)
+
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", counted_init)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", counted_map)
+    summary = materialise_base(ModelConfig(source=str(tmp_path / "tiny.gguf"), gguf_file=None), tmp_path / "base")
+    assert summary["architecture"] == "llama"
+    assert len(parses) == 1 and len(maps) == 1, (parses, maps)
+    assert gguf.get_tensor_name_map is counted_map and isinstance(gguf.GGUFReader, type)  # the originals are back
+    materialised = load_model(tmp_path / "base").state_dict()
+    assert materialised.keys() == plain.keys()
+    for name, tensor in plain.items():
+        assert torch.equal(materialised[name], tensor), name

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,38 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
 
 
+@contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """While loading from a GGUF file: each file parsed once, and gguf's tensor-name map built once per architecture.
+    transformers parses the whole file for the config, again for the tokenizer and again for the weights (SmolLM2's
+    49k-token vocabulary is ~295k metadata strings: ~4 s per parse on a 2-core CPU), and builds the name map anew
+    for each of the model's modules (397 times for SmolLM2, ~6 s); both are pure functions of their arguments. gguf's
+    module attributes are what transformers imports at each call, so memoised versions stand in for the load and
+    the originals are back afterwards."""
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple, Any] = {}
+    maps: dict[tuple, Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    def tensor_name_map(arch: Any, n_blocks: int) -> Any:
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = name_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+
+
 def load_source_model(model: ModelConfig) -> tuple[Any, Any]:
     """Load model and tokenizer from their configured source; a GGUF file is dequantised here.
 
@@ -105,8 +139,9 @@ def load_source_model(model: ModelConfig) -> tuple[Any, Any]:
         kwargs["gguf_file"] = resolved.gguf_file
         model_kwargs.update(gguf_file=resolved.gguf_file, quantization_config=GgufConfig(dequantize=True))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
-        loaded = auto_class.from_pretrained(resolved.location, **model_kwargs)
+        with gguf_parsed_once() if resolved.gguf_file else contextlib.nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
+            loaded = auto_class.from_pretrained(resolved.location, **model_kwargs)
     except OSError as exc:
         if not resolved.is_local and _offline():
             raise ModelSourceError(
@@ -126,8 +161,9 @@ def load_source_tokenizer(model: ModelConfig) -> tuple[Any, int | None]:
     if resolved.gguf_file:
         kwargs["gguf_file"] = resolved.gguf_file
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
-        config = AutoConfig.from_pretrained(resolved.location, **kwargs)
+        with gguf_parsed_once() if resolved.gguf_file else contextlib.nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
+            config = AutoConfig.from_pretrained(resolved.location, **kwargs)
     except OSError as exc:
         raise ModelSourceError(f"model.source: cannot load '{model.source}': {str(exc).splitlines()[0]}") from None
     config = getattr(config, "text_config", None) or config
